@@ -1,0 +1,78 @@
+r"""Fashion-MNIST, LeNet-5 (BatchNorm) teacher -> LeNet-5-half (BatchNorm) student.
+
+Images are padded from 28x28 to 32x32 (LeNet-5's input size).
+
+Train the teacher (about 1 minute on 2 CPU cores; expect about 89-90% test accuracy):
+  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=teacher \
+      --workdir=runs/fmnist/teacher
+Upper bounds for the student (real data):
+  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=scratch \
+      --workdir=runs/fmnist/scratch
+  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=kd_real \
+      --config.teacher.workdir=runs/fmnist/teacher --workdir=runs/fmnist/kd_real
+
+Argument keys: method (teacher|scratch|kd_real|<data-free method>), tiny (a few steps on a
+slice of the data, for tests and notebooks).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, method="teacher", tiny=False,
+                          teacher_workdir="runs/fashion_mnist_lenet5/teacher")
+  c = common.base(args.method)
+  c.dataset = "fashion_mnist"
+  c.pad_to = 32
+  c.teacher.model = "lenet5_bn"
+  c.student.model = "lenet5_half_bn"
+  c.batch_size = 128
+  c.num_epochs = 3 if args.method == "teacher" else 2
+  c.optimizer = common.optimizer("sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
+                                 schedule="cosine")
+  c.log_every = 100
+  if args.method in common.DATA_FREE_METHODS:
+    common.distill(c, args.method)
+    c.teacher.workdir = args.teacher_workdir
+    _fashion_mnist_budget(c, args.method)
+  if args.tiny:
+    c.train_limit = 1024
+    c.test_limit = 512
+    c.batch_size = 64
+    c.num_epochs = 1
+    c.num_steps = 8
+    c.log_every = 4
+    c.eval_every = 4
+    c.checkpoint_every = 4
+    if args.method in common.DATA_FREE_METHODS:
+      c.distill.update(dict(num_iters=6, batch_size=32, log_every=2, eval_every=3,
+                            checkpoint_every=2))
+      c.generator.ngf = 8
+      c.distill.student_steps = min(c.distill.student_steps, 2)
+      c.deepinversion.update(dict(iterations=3, pool_size=64))
+  return c
+
+
+def _fashion_mnist_budget(c, method):
+  """CPU-sized budgets: about 2-4 minutes per method on 2 cores (see benchmarks/RESULTS.md)."""
+  c.distill.batch_size = 128
+  c.generator.ngf = 32
+  c.distill.eval_every = 50
+  c.distill.log_every = 25
+  if method == "dafl":
+    c.distill.num_iters = 1000
+  elif method == "dfad":
+    c.distill.num_iters = 300
+    c.optimizer.lr = 0.05
+  elif method == "zskt":
+    c.distill.num_iters = 150
+    c.distill.student_steps = 5
+  else:  # deepinversion / adi
+    c.distill.num_iters = 10
+    c.distill.student_steps = 100
+    c.distill.eval_every = 2
+    c.deepinversion.iterations = 200
+    c.deepinversion.pool_size = 128 * 10

@@ -1,0 +1,27 @@
+"""Method registry: `config.method` -> builder(ctx) -> `Method(init, step)`."""
+from __future__ import annotations
+
+from dfkd_jax.methods import base
+from dfkd_jax.methods import generative
+from dfkd_jax.methods import inversion
+from dfkd_jax.methods.base import Context
+
+METHODS = {
+    "dafl": generative.make_dafl,
+    "dfad": generative.make_dfad,
+    "zskt": generative.make_zskt,
+    "deepinversion": inversion.make_deepinversion,
+    "adi": inversion.make_deepinversion,
+}
+
+
+def make_method(ctx: Context):
+  name = ctx.config.method
+  if name not in METHODS:
+    raise ValueError(f"Unknown method {name!r}. Valid data-free methods: "
+                     f"{', '.join(sorted(METHODS))} (and teacher, scratch, kd_real for "
+                     "supervised runs).")
+  return METHODS[name](ctx)
+
+
+__all__ = ["METHODS", "Context", "make_method", "base"]

@@ -1,0 +1,83 @@
+"""What every method builder receives, and the shared state initialiser."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dfkd_jax import memory
+from dfkd_jax import models as models_lib
+from dfkd_jax import optim
+from dfkd_jax import phases
+from dfkd_jax import state as state_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Static facts a method builder needs (no arrays except the teacher's weights)."""
+  config: ml_collections.ConfigDict
+  teacher: state_lib.FrozenModel
+  student_module: nn.Module
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  mesh: Any
+
+  @property
+  def d(self) -> ml_collections.ConfigDict:
+    return self.config.distill
+
+
+def synthesis_weights(cfg: ml_collections.ConfigDict) -> phases.SynthesisWeights:
+  """`config.loss` -> SynthesisWeights (unknown keys are rejected by the frozen dataclass)."""
+  fields = {f.name for f in dataclasses.fields(phases.SynthesisWeights)}
+  return phases.SynthesisWeights(**{k: v for k, v in cfg.to_dict().items() if k in fields})
+
+
+def make_generator(ctx: Context) -> nn.Module:
+  g = ctx.config.generator
+  h, _, c = ctx.image_shape
+  if g.kind == "dafl":
+    return models_lib.Generator(img_size=h, channels=c, ngf=g.ngf, bn_eps=g.bn_eps,
+                                spectral_norm=g.spectral_norm, final_tanh=g.final_tanh,
+                                weight_init=g.weight_init)
+  if g.kind == "zskt":
+    return models_lib.ZSKTGenerator(img_size=h, channels=c, ngf=g.ngf, bn_eps=g.bn_eps,
+                                    weight_init=g.weight_init)
+  raise ValueError(f"Unknown generator kind {g.kind!r}; valid: dafl, zskt.")
+
+
+def student_updates_per_iter(ctx: Context) -> int:
+  return ctx.d.student_steps
+
+
+def init_state(key, ctx: Context, *, generator: nn.Module | None = None,
+               pool_capacity: int = 0) -> state_lib.DFKDState:
+  """Fresh student (and generator / pool) around the frozen teacher."""
+  cfg = ctx.config
+  k_s, k_g, k_rng = jax.random.split(key, 3)
+  x0 = jnp.zeros((1, *ctx.image_shape), jnp.float32)
+  s_params, s_bs = state_lib.init_model(ctx.student_module, k_s, x0)
+  total_student_updates = cfg.distill.num_iters * student_updates_per_iter(ctx)
+  student = state_lib.TrainState.create(
+      apply_fn=ctx.student_module.apply, params=s_params, batch_stats=s_bs,
+      tx=optim.make_optimizer(cfg.optimizer, total_student_updates))
+  gen_state = None
+  if generator is not None:
+    z0 = jnp.zeros((2, cfg.distill.latent_dim), jnp.float32)
+    variables = generator.init(k_g, z0, train=False)
+    gen_state = state_lib.TrainState.create(
+        apply_fn=generator.apply, params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=optim.make_optimizer(cfg.gen_optimizer, cfg.distill.num_iters))
+  pool = memory.pool_init(pool_capacity, ctx.image_shape) if pool_capacity else None
+  return state_lib.DFKDState(step=jnp.zeros((), jnp.int32), rng=k_rng, teacher=ctx.teacher,
+                             student=student, generator=gen_state, pool=pool)
+
+
+def shared_z_key(state):
+  """One latent batch per outer iteration, shared by phases (ZSKT)."""
+  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7919)

@@ -1,0 +1,66 @@
+"""The generator-based baselines, each a few lines of wiring (methods.md §2-§4, §10).
+
+- DAFL: one fused step: G minimises oh/ie/act on x = G(z); S minimises KL(T‖S) (τ=1) on sg(x)
+  (`dafl.kd_grad_to_generator=True` reproduces the earlier revision without the detach).
+- DFAD: `student_steps` S steps (L1 on logits, fresh z each), then 1 G step maximising L1.
+- ZSKT: 1 G step maximising the elementwise KL, then `student_steps` S steps (KL + β·AT) on
+  G(z) recomputed from the SAME z after the G update.
+"""
+from __future__ import annotations
+
+import functools
+
+from dfkd_jax import combinators
+from dfkd_jax import phases
+from dfkd_jax.methods import base
+from dfkd_jax.types import Method
+
+
+def _wrap(ctx, body, generator) -> Method:
+  return Method(init=functools.partial(base.init_state, ctx=ctx, generator=generator),
+                step=body)
+
+
+def _sample(ctx, z_key=None):
+  d = ctx.d
+  if z_key is None:
+    return lambda state, key: phases.sample_generator(state, key, d.batch_size, d.latent_dim,
+                                                      ctx.mesh)
+  return lambda state, key: phases.sample_generator(state, z_key(state), d.batch_size,
+                                                    d.latent_dim, ctx.mesh)
+
+
+def make_dafl(ctx: base.Context) -> Method:
+  d, cfg = ctx.d, ctx.config
+  phase = phases.generator_step(
+      base.synthesis_weights(cfg.loss), batch=d.batch_size, latent_dim=d.latent_dim,
+      mesh=ctx.mesh, faithful_bn=cfg.faithful_bn,
+      fused_student={"kd": cfg.loss.kd, "temperature": cfg.loss.kd_temperature,
+                     "grad_to_generator": cfg.dafl.kd_grad_to_generator})
+  if d.student_steps != 1:
+    raise ValueError("DAFL updates G and S together once per iteration: set "
+                     "config.distill.student_steps=1.")
+  return _wrap(ctx, combinators.sequence(("dafl", phase)), base.make_generator(ctx))
+
+
+def make_dfad(ctx: base.Context) -> Method:
+  d, cfg = ctx.d, ctx.config
+  student = phases.student_step(_sample(ctx), kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature)
+  gen = phases.generator_step(base.synthesis_weights(cfg.loss), batch=d.batch_size,
+                              latent_dim=d.latent_dim, mesh=ctx.mesh, faithful_bn=cfg.faithful_bn)
+  body = combinators.sequence(("student", combinators.repeat(d.student_steps, student)),
+                              ("generator", gen))
+  return _wrap(ctx, body, base.make_generator(ctx))
+
+
+def make_zskt(ctx: base.Context) -> Method:
+  d, cfg = ctx.d, ctx.config
+  gen = phases.generator_step(base.synthesis_weights(cfg.loss), batch=d.batch_size,
+                              latent_dim=d.latent_dim, mesh=ctx.mesh, faithful_bn=cfg.faithful_bn,
+                              z_key=base.shared_z_key)
+  student = phases.student_step(_sample(ctx, base.shared_z_key), kd=cfg.loss.kd,
+                                temperature=cfg.loss.kd_temperature, at_beta=cfg.loss.at_beta)
+  body = combinators.sequence(
+      ("generator", gen),
+      ("student", combinators.repeat(d.student_steps, student, same_key=True)))
+  return _wrap(ctx, body, base.make_generator(ctx))

@@ -1,0 +1,33 @@
+"""DeepInversion and ADI (methods.md §5): per outer iteration, one synthesis round of
+`deepinversion.iterations` Adam steps on fresh pixels (lax.scan), pushed into an image pool,
+then `distill.student_steps` KD steps on batches drawn uniformly from the pool.
+
+ADI is DeepInversion with the competition weight `loss.adv > 0` (`adv_type="js_batch"`, the
+batch-mean reduction of the official code, τ = 3).
+"""
+from __future__ import annotations
+
+import functools
+
+from dfkd_jax import combinators
+from dfkd_jax import phases
+from dfkd_jax.methods import base
+from dfkd_jax.types import Method
+
+
+def make_deepinversion(ctx: base.Context) -> Method:
+  d, cfg, di = ctx.d, ctx.config, ctx.config.deepinversion
+  synth = phases.inversion_round(
+      base.synthesis_weights(cfg.loss), batch=d.batch_size, image_shape=ctx.image_shape,
+      num_classes=ctx.num_classes, iterations=di.iterations, lr=di.lr, b1=di.b1, b2=di.b2,
+      jitter=di.jitter, flip=di.flip, mesh=ctx.mesh)
+  student = phases.student_step(
+      lambda state, key: phases.sample_pool(state, key, d.batch_size, ctx.mesh),
+      kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature)
+  body = combinators.sequence(("synth", synth),
+                              ("student", combinators.repeat(d.student_steps, student)))
+  init = functools.partial(base.init_state, ctx=ctx, pool_capacity=di.pool_size)
+  if di.pool_size < d.batch_size:
+    raise ValueError(f"deepinversion.pool_size={di.pool_size} must hold at least one batch "
+                     f"({d.batch_size}).")
+  return Method(init=init, step=body)

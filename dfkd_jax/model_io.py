@@ -1,0 +1,88 @@
+"""Saving and loading trained models (teachers and students) as self-describing files.
+
+`workdir/model.msgpack` holds `{"params", "batch_stats"}` (flax serialization) and
+`workdir/model.json` the architecture name, class count, input shape, dataset, test accuracy
+and the sha256 of the weights, so a wrong teacher is caught with a clear message before any
+array shape error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from flax import serialization
+import jax
+import numpy as np
+
+from dfkd_jax import models as models_lib
+from dfkd_jax import state as state_lib
+
+WEIGHTS = "model.msgpack"
+META = "model.json"
+
+
+class ModelLoadError(RuntimeError):
+  """A saved model is missing or does not match the config."""
+
+
+def export_model(workdir: str, *, model_name: str, num_classes: int, input_shape, dataset: str,
+                 params, batch_stats, extra: dict | None = None) -> str:
+  """Writes weights and metadata atomically; returns the weights' sha256."""
+  os.makedirs(workdir, exist_ok=True)
+  tree = jax.device_get({"params": params, "batch_stats": batch_stats})
+  blob = serialization.msgpack_serialize(serialization.to_state_dict(tree))
+  digest = hashlib.sha256(blob).hexdigest()
+  meta = {"model": model_name, "num_classes": int(num_classes),
+          "input_shape": [int(d) for d in input_shape], "dataset": dataset, "sha256": digest,
+          "num_params": state_lib.num_params(params), **(extra or {})}
+  for name, data in ((WEIGHTS, blob), (META, json.dumps(meta, indent=2).encode())):
+    tmp = os.path.join(workdir, name + ".tmp")
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, os.path.join(workdir, name))
+  return digest
+
+
+def load_model(workdir: str, *, role: str = "teacher", expect_model: str | None = None,
+               expect_classes: int | None = None, expect_channels: int | None = None,
+               hint: str = ""):
+  """Loads a saved model; returns (module, FrozenModel, meta).
+
+  Raises:
+    ModelLoadError: missing files, or an architecture / class count / channel count other than
+      expected, with the fix in the message.
+  """
+  wpath, mpath = os.path.join(workdir, WEIGHTS), os.path.join(workdir, META)
+  if not (os.path.isfile(wpath) and os.path.isfile(mpath)):
+    raise ModelLoadError(f"No {role} checkpoint at {workdir!r} (expected {WEIGHTS} and {META})."
+                         + (f" {hint}" if hint else ""))
+  with open(mpath, encoding="utf-8") as f:
+    meta = json.load(f)
+  problems = []
+  if expect_model is not None and meta["model"] != expect_model:
+    problems.append(f"architecture {meta['model']!r} (config says {expect_model!r}; set "
+                    f"--config.{role}.model={meta['model']})")
+  if expect_classes is not None and meta["num_classes"] != expect_classes:
+    problems.append(f"{meta['num_classes']} classes (the dataset has {expect_classes})")
+  if expect_channels is not None and meta["input_shape"][-1] != expect_channels:
+    problems.append(f"{meta['input_shape'][-1]} input channels (the dataset has "
+                    f"{expect_channels})")
+  if problems:
+    raise ModelLoadError(f"The {role} at {workdir!r} does not match the config: it has "
+                         + "; ".join(problems) + ".")
+  module = models_lib.get_model(meta["model"], num_classes=meta["num_classes"])
+  with open(wpath, "rb") as f:
+    blob = f.read()
+  if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+    raise ModelLoadError(f"{wpath}: checksum mismatch with {META}; the file is corrupt. "
+                         "Re-train or re-export it.")
+  target_vars = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), np.zeros([1, *meta["input_shape"]], np.float32),
+                          train=False))
+  target = {"params": target_vars["params"], "batch_stats": target_vars.get("batch_stats", {})}
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
+  tree = serialization.from_state_dict(target, serialization.msgpack_restore(blob))
+  frozen = state_lib.FrozenModel(params=tree["params"], batch_stats=tree["batch_stats"],
+                                 apply_fn=module.apply)
+  return module, frozen, meta

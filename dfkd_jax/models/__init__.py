@@ -1,0 +1,15 @@
+"""Model zoo: CIFAR/MNIST classifiers (via `get_model`) and image generators."""
+
+from dfkd_jax.models.generators import Generator
+from dfkd_jax.models.generators import upsample_nearest_2x
+from dfkd_jax.models.generators import ZSKTGenerator
+from dfkd_jax.models.registry import get_model
+from dfkd_jax.models.registry import MODELS
+
+__all__ = [
+    "Generator",
+    "MODELS",
+    "ZSKTGenerator",
+    "get_model",
+    "upsample_nearest_2x",
+]

@@ -1,0 +1,259 @@
+"""Image generators of DAFL, DFAD, ZSKT and PRE-DFKD (methods.md §2-§4, §7).
+
+`Generator` is the DAFL / DFAD / PRE-DFKD architecture (image size s, latent d,
+ngf = 64 in all three official codes):
+
+  Linear(d -> 2ngf (s/4)^2) -> reshape -> BN(2ngf, eps 1e-5)
+  -> x2 nearest -> Conv3x3(2ngf -> 2ngf) -> BN(eps=bn_eps) -> LeakyReLU(0.2)
+  -> x2 nearest -> Conv3x3(2ngf -> ngf) -> BN(eps=bn_eps) -> LeakyReLU(0.2)
+  -> Conv3x3(ngf -> C) -> tanh (optional) -> BN(C, affine=False, eps 1e-5)
+
+* DAFL: `bn_eps=0.8` (PyTorch `BatchNorm2d(n, 0.8)`), the default.
+* DFAD ("GeneratorA"): `bn_eps=1e-5`.
+* PRE-DFKD novel generator: `bn_eps=0.8, spectral_norm=True,
+  weight_init="uniform008"`; its memory generator (VAE decoder) is the same without
+  spectral normalisation.
+
+`ZSKTGenerator` is ZSKT's generator: Linear(d -> 2ngf n0^2) -> BN -> nearest
+resize n0 -> s/2 -> Conv(2ngf) -> BN -> LReLU -> x2 -> Conv(ngf) -> BN ->
+LReLU -> Conv(C) -> BN(C, affine=False), with n0 = round(10 s / 32) (10 for
+32x32; all BN eps 1e-5) and no tanh.
+
+Conventions:
+* Generators run BN with batch statistics when `train=True` (the official
+  codes always do) and update the running averages in `batch_stats`;
+  `train=False` uses the running averages.
+* The linear output is reshaped channel-major, `[B, 2ngf, s/4, s/4]`, and then
+  transposed to NHWC, so a PyTorch generator's linear weights map over
+  unchanged.
+* Exact x2 nearest upsampling (`upsample_nearest_2x`) is a broadcast and a
+  reshape, which is cheaper than `jax.image.resize` and equal to it. ZSKT's
+  x1.6 step uses `jax.image.resize(..., "nearest")`, whose half-pixel
+  index rounding differs from PyTorch's `floor(i / 1.6)` for 6 of the 16
+  output rows/columns; both duplicate 6 of the 10 input rows/columns.
+* Spectral norm: `flax.linen.SpectralNorm` around each of the three 3x3 convs,
+  one power iteration per call; `u` and `sigma` live in `batch_stats` and are
+  updated only when `train=True` (with `train=False` a power iteration from
+  the stored `u` still runs but nothing is stored, whereas PyTorch's eval mode
+  reuses the stored vectors as is).
+* `weight_init="default"` reproduces PyTorch's default initialisation used by the
+  official DAFL/DFAD/ZSKT code: weights U(+-1/sqrt(fan_in)) (Kaiming-uniform
+  with a = sqrt(5)) and biases U(+-1/sqrt(fan_in)); `weight_init="uniform008"` is
+  PRE-DFKD's U(-0.08, 0.08) weights with zero biases. BN layers start at
+  scale 1, bias 0 in both cases.
+* The output is always float32; `dtype` sets the compute dtype of the hidden
+  layers.
+
+Exact parameter counts (32x32x3, ngf = 64): d = 1000 (DAFL/PRE-DFKD):
+8,423,939 (methods.md's 8.42 M; spectral norm adds no parameters, only
+`batch_stats` state); d = 256 (DFAD): 2,329,091; ZSKTGenerator at d = 100:
+1,516,547.
+"""
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+INITS = ("default", "uniform008")
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+  """Exact x2 nearest-neighbour upsampling of an NHWC batch.
+
+  Equals `jax.image.resize(x, (B, 2H, 2W, C), "nearest")` (and PyTorch's
+  `interpolate(scale_factor=2)`), but is a broadcast plus a reshape.
+
+  Args:
+    x: `[B, H, W, C]`.
+
+  Returns:
+    `[B, 2H, 2W, C]`, each input pixel repeated in a 2x2 block.
+  """
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def _uniform(bound: float) -> Initializer:
+  """Initializer drawing from U(-bound, bound)."""
+
+  def init(key: jax.Array, shape: tuple[int, ...],
+           dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _layer_inits(init: str, fan_in: int) -> tuple[Initializer, Initializer]:
+  """Returns `(kernel_init, bias_init)` for a conv/linear layer.
+
+  Args:
+    init: "default" (PyTorch's default) or "uniform008" (PRE-DFKD).
+    fan_in: inputs per output unit (in_features x kernel area).
+
+  Raises:
+    ValueError: for an unknown `init`.
+  """
+  if init == "default":
+    bound = 1.0 / math.sqrt(fan_in)
+    return _uniform(bound), _uniform(bound)
+  if init == "uniform008":
+    return _uniform(0.08), nn.initializers.zeros
+  raise ValueError(f"Unknown generator init {init!r}; expected one of {INITS}.")
+
+
+class _ConvBlock(nn.Module):
+  """Conv3x3 (optionally spectrally normalised), with PyTorch-style bias.
+
+  Attributes:
+    features: output channels.
+    weight_init: "default" or "uniform008".
+    spectral_norm: wrap the conv in `nn.SpectralNorm`.
+    dtype: compute dtype.
+  """
+  features: int
+  weight_init: str
+  spectral_norm: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Applies the 3x3 'SAME' conv; SN statistics update only if `train`."""
+    kernel_init, bias_init = _layer_inits(self.weight_init, 9 * x.shape[-1])
+    conv = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype,
+                   kernel_init=kernel_init, bias_init=bias_init, name="conv")
+    if self.spectral_norm:
+      return nn.SpectralNorm(conv, n_steps=1, name="sn")(x, update_stats=train)
+    return conv(x)
+
+
+def _check_img_size(img_size: int) -> None:
+  if img_size % 4 != 0 or img_size <= 0:
+    raise ValueError(
+        f"Generator img_size must be a positive multiple of 4, got {img_size}.")
+
+
+def _project(z: jax.Array, channels: int, size: int, init: str,
+             dtype: Any) -> jax.Array:
+  """Linear(d -> channels * size^2), reshaped channel-major to NHWC."""
+  kernel_init, bias_init = _layer_inits(init, z.shape[-1])
+  x = nn.Dense(channels * size * size, dtype=dtype, kernel_init=kernel_init,
+               bias_init=bias_init, name="linear")(z)
+  x = x.reshape(z.shape[0], channels, size, size)
+  return jnp.transpose(x, (0, 2, 3, 1))
+
+
+class Generator(nn.Module):
+  """DAFL/DFAD/PRE-DFKD generator; see the module docstring for the layers.
+
+  Attributes:
+    img_size: output height and width s; must be a multiple of 4.
+    channels: output channels C.
+    ngf: base width; the hidden maps have 2ngf and ngf channels.
+    bn_eps: epsilon of the two BNs after the hidden convs (DAFL/PRE-DFKD 0.8,
+      DFAD 1e-5); the first and last BN always use 1e-5.
+    spectral_norm: spectral normalisation on the three convs (PRE-DFKD).
+    final_tanh: apply tanh before the final affine-free BN.
+    weight_init: "default" (PyTorch default) or "uniform008" (PRE-DFKD).
+      (Named `weight_init`, not `init`, which would shadow `Module.init`.)
+    dtype: compute dtype of the hidden layers (parameters stay float32).
+  """
+  img_size: int = 32
+  channels: int = 3
+  ngf: int = 64
+  bn_eps: float = 0.8
+  spectral_norm: bool = False
+  final_tanh: bool = True
+  weight_init: str = "default"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
+    """Maps latents `[B, d]` to images `[B, s, s, C]` (float32).
+
+    Args:
+      z: latent batch.
+      train: use batch statistics and update `batch_stats` (and spectral-norm
+        state); False uses the running averages.
+
+    Raises:
+      ValueError: if `img_size` is not a multiple of 4, or `weight_init` is
+        unknown.
+    """
+    _check_img_size(self.img_size)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, dtype=self.dtype)
+    x = _project(z, 2 * self.ngf, self.img_size // 4, self.weight_init, self.dtype)
+    x = norm(epsilon=1e-5, name="bn0")(x)
+    x = upsample_nearest_2x(x)
+    x = _ConvBlock(2 * self.ngf, self.weight_init, self.spectral_norm, self.dtype,
+                   name="block1")(x, train)
+    x = nn.leaky_relu(norm(epsilon=self.bn_eps, name="bn1")(x), 0.2)
+    x = upsample_nearest_2x(x)
+    x = _ConvBlock(self.ngf, self.weight_init, self.spectral_norm, self.dtype,
+                   name="block2")(x, train)
+    x = nn.leaky_relu(norm(epsilon=self.bn_eps, name="bn2")(x), 0.2)
+    x = _ConvBlock(self.channels, self.weight_init, self.spectral_norm, self.dtype,
+                   name="block3")(x, train)
+    x = x.astype(jnp.float32)
+    if self.final_tanh:
+      x = jnp.tanh(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                        epsilon=1e-5, use_scale=False, use_bias=False,
+                        dtype=jnp.float32, name="bn_out")(x)
+
+
+class ZSKTGenerator(nn.Module):
+  """ZSKT generator (no tanh; x1.6 then x2 nearest upsampling).
+
+  Attributes:
+    img_size: output height and width s; must be a multiple of 4. The first
+      map is round(10 s / 32) pixels wide, resized to s/2, then doubled.
+    channels: output channels C.
+    ngf: base width; the hidden maps have 2ngf and ngf channels.
+    bn_eps: epsilon of every BN (ZSKT: PyTorch's default 1e-5).
+    weight_init: "default" (PyTorch default) or "uniform008".
+    dtype: compute dtype of the hidden layers (parameters stay float32).
+  """
+  img_size: int = 32
+  channels: int = 3
+  ngf: int = 64
+  bn_eps: float = 1e-5
+  weight_init: str = "default"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
+    """Maps latents `[B, d]` to images `[B, s, s, C]` (float32).
+
+    Raises:
+      ValueError: if `img_size` is not a multiple of 4, or `weight_init` is
+        unknown.
+    """
+    _check_img_size(self.img_size)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, epsilon=self.bn_eps,
+                             dtype=self.dtype)
+    init_size = max(1, round(10 * self.img_size / 32))
+    half = self.img_size // 2
+    x = _project(z, 2 * self.ngf, init_size, self.weight_init, self.dtype)
+    x = norm(name="bn0")(x)
+    x = jax.image.resize(x, (x.shape[0], half, half, x.shape[-1]), "nearest")
+    x = _ConvBlock(2 * self.ngf, self.weight_init, False, self.dtype,
+                   name="block1")(x, train)
+    x = nn.leaky_relu(norm(name="bn1")(x), 0.2)
+    x = upsample_nearest_2x(x)
+    x = _ConvBlock(self.ngf, self.weight_init, False, self.dtype,
+                   name="block2")(x, train)
+    x = nn.leaky_relu(norm(name="bn2")(x), 0.2)
+    x = _ConvBlock(self.channels, self.weight_init, False, self.dtype,
+                   name="block3")(x, train)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                        epsilon=self.bn_eps, use_scale=False, use_bias=False,
+                        dtype=jnp.float32, name="bn_out")(x.astype(jnp.float32))

@@ -1,0 +1,291 @@
+"""Phase factories: small pure functions `(state, key) -> (state, metrics)` composed into methods.
+
+Each phase differentiates only its own model's parameters and stops gradients into the others
+where the method says so. Factories take static configuration (Python numbers, loss names,
+batch sizes) and the mesh; every array lives in the `DFKDState`, never in a closure.
+
+Synthesis losses (methods.md §0.2, §10) are assembled by `synthesis_terms` from weights
+`w.{oh, ie, act, adv, bn, tv, l2, ce}`; a zero weight skips the term (and the forward pass it
+needs). The adversarial term is written so that MINIMISING it maximises teacher/student
+disagreement: `l1` -> -l1_logits, `kl` -> -kl_elem, `js` / `js_batch` -> js_adv (elementwise /
+batch-mean reduction).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dfkd_jax import augment
+from dfkd_jax import bn_stats
+from dfkd_jax import losses
+from dfkd_jax import memory
+from dfkd_jax import parallel
+
+ADV_TYPES = ("l1", "kl", "js", "js_batch")
+KD_TYPES = ("kl", "dafl_kd", "kl_elem", "l1")
+BN_FORMS = ("l2", "gauss_kl")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisWeights:
+  """Weights of the synthesis loss terms; 0 disables a term."""
+  oh: float = 0.0
+  ie: float = 0.0
+  act: float = 0.0
+  adv: float = 0.0
+  bn: float = 0.0
+  tv: float = 0.0
+  l2: float = 0.0
+  ce: float = 0.0
+  adv_type: str = "l1"
+  adv_temperature: float = 3.0
+  adv_detach_teacher: bool = False
+  bn_form: str = "l2"
+  first_bn_scale: float = 1.0
+
+  def __post_init__(self):
+    if self.adv_type not in ADV_TYPES:
+      raise ValueError(f"Unknown adv_type {self.adv_type!r}; valid: {', '.join(ADV_TYPES)}.")
+    if self.bn_form not in BN_FORMS:
+      raise ValueError(f"Unknown bn_form {self.bn_form!r}; valid: {', '.join(BN_FORMS)}.")
+
+
+def kd_loss(kind: str, teacher_logits, student_logits, temperature: float = 1.0):
+  """Student distillation loss by name: kl (τ²-scaled Hinton), dafl_kd, kl_elem, l1."""
+  if kind == "kl":
+    return losses.kd_kl(teacher_logits, student_logits, temperature)
+  if kind == "dafl_kd":
+    return losses.dafl_kd(teacher_logits, student_logits)
+  if kind == "kl_elem":
+    return losses.kl_elem(teacher_logits, student_logits)
+  if kind == "l1":
+    return losses.l1_logits(teacher_logits, student_logits)
+  raise ValueError(f"Unknown kd loss {kind!r}; valid: {', '.join(KD_TYPES)}.")
+
+
+def adversarial_term(kind: str, teacher_logits, student_logits, temperature: float):
+  """A term whose minimisation maximises teacher/student disagreement."""
+  if kind == "l1":
+    return -losses.l1_logits(teacher_logits, student_logits)
+  if kind == "kl":
+    return -losses.kl_elem(teacher_logits, student_logits)
+  if kind == "js":
+    return losses.js_adv(student_logits, teacher_logits, temperature, reduction="elementwise")
+  if kind == "js_batch":
+    return losses.js_adv(student_logits, teacher_logits, temperature, reduction="batch")
+  raise ValueError(f"Unknown adv_type {kind!r}; valid: {', '.join(ADV_TYPES)}.")
+
+
+def student_forward(student, params, x, train: bool):
+  """Student logits and aux; in train mode also its new batch_stats (else the old ones)."""
+  variables = {"params": params, "batch_stats": student.batch_stats}
+  if train and student.batch_stats:
+    (logits, aux), new_vars = student.apply_fn(variables, x, train=True, mutable=["batch_stats"])
+    return logits, aux, new_vars["batch_stats"]
+  logits, aux = student.apply_fn(variables, x, train=train)
+  return logits, aux, student.batch_stats
+
+
+def synthesis_terms(w: SynthesisWeights, x, state, *, labels=None, student_train: bool = True):
+  """Synthesis loss terms on images x (gradient flows to x through the frozen teacher).
+
+  Returns (total, terms dict, aux) where aux holds the teacher logits and the student's new
+  batch_stats (when the student ran in train mode).
+  """
+  teacher = state.teacher
+  terms = {}
+  if w.bn:
+    (t_logits, t_aux), stats, order = bn_stats.capture_bn_inputs(
+        teacher.apply_fn, teacher.variables, x, train=False)
+    if w.bn_form == "l2":
+      terms["bn"] = losses.bn_l2(stats, teacher.batch_stats, first_layer_scale=w.first_bn_scale,
+                                 order=order)
+    else:
+      terms["bn"] = losses.bn_gauss_kl(stats, teacher.batch_stats)
+  else:
+    t_logits, t_aux = teacher(x)
+  if w.oh:
+    terms["oh"] = losses.dafl_oh(t_logits)
+  if w.ie:
+    terms["ie"] = losses.dafl_ie(t_logits)
+  if w.act:
+    terms["act"] = losses.dafl_act(t_aux["feature"])
+  if w.tv:
+    terms["tv"] = losses.tv_l2(x)
+  if w.l2:
+    terms["l2"] = losses.img_l2(x)
+  if w.ce:
+    terms["ce"] = losses.cross_entropy(t_logits, labels)
+  new_student_bs = state.student.batch_stats
+  if w.adv:
+    s_logits, _, new_student_bs = student_forward(state.student, state.student.params, x,
+                                                  train=student_train)
+    t_for_adv = jax.lax.stop_gradient(t_logits) if w.adv_detach_teacher else t_logits
+    terms["adv"] = adversarial_term(w.adv_type, t_for_adv, s_logits, w.adv_temperature)
+  weights = dataclasses.asdict(w)
+  total = sum(weights[k] * v for k, v in terms.items())
+  return total, terms, {"teacher_logits": t_logits, "student_batch_stats": new_student_bs}
+
+
+def latents(key, batch: int, dim: int, mesh):
+  """A global latent batch z ~ N(0, I), sharded over the mesh's data axis."""
+  return parallel.shard_batch(jax.random.normal(key, (batch, dim)), mesh)
+
+
+def generate(generator, params, z, mesh):
+  """G(z) in training mode (batch statistics, as in all official codes); returns (x, new bs)."""
+  variables = {"params": params, "batch_stats": generator.batch_stats}
+  x, new_vars = generator.apply_fn(variables, z, train=True, mutable=["batch_stats"])
+  return parallel.shard_batch(x, mesh), new_vars["batch_stats"]
+
+
+def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
+                   faithful_bn: bool = True, fused_student: dict | None = None,
+                   z_key: Callable | None = None):
+  """One generator update on a fresh latent batch.
+
+  Args:
+    w: synthesis loss weights.
+    batch, latent_dim: latent batch shape.
+    mesh: device mesh (the batch is sharded over `data`).
+    faithful_bn: keep the student's BN running statistics updated by its train-mode forward
+      inside this step, as the official codes do (methods.md §0.3).
+    fused_student: DAFL: also update the student on the same images in this step, with
+      `{"kd": name, "temperature": τ, "grad_to_generator": bool}`.
+    z_key: optional `z_key(state) -> key` to share one latent batch with other phases (ZSKT).
+  """
+
+  def phase(state, key):
+    zk = z_key(state) if z_key is not None else key
+    z = latents(zk, batch, latent_dim, mesh)
+    g = state.generator
+
+    def g_loss(g_params, s_params):
+      x, g_bs = generate(g, g_params, z, mesh)
+      total, terms, aux = synthesis_terms(w, x, state)
+      s_out = {}
+      if fused_student is not None:
+        x_s = x if fused_student["grad_to_generator"] else jax.lax.stop_gradient(x)
+        s_logits, _, s_bs = student_forward(state.student, s_params, x_s, train=True)
+        t_logits = jax.lax.stop_gradient(aux["teacher_logits"])
+        s_loss = kd_loss(fused_student["kd"], t_logits, s_logits, fused_student["temperature"])
+        s_out = {"loss": s_loss, "batch_stats": s_bs,
+                 "agree": losses.accuracy(s_logits, jnp.argmax(t_logits, -1)) * 100.0}
+        total = total + s_loss
+      return total, (terms, g_bs, aux, s_out)
+
+    if fused_student is None:
+      (total, (terms, g_bs, aux, _)), g_grads = jax.value_and_grad(g_loss, has_aux=True)(
+          g.params, state.student.params)
+      s_grads = None
+    else:
+      (total, (terms, g_bs, aux, s_out)), (g_grads, s_grads) = jax.value_and_grad(
+          g_loss, argnums=(0, 1), has_aux=True)(g.params, state.student.params)
+    new_g = g.apply_gradients(g_grads, batch_stats=g_bs)
+    student = state.student
+    metrics = {f"{k}": v for k, v in terms.items()}
+    if fused_student is not None:
+      student = student.apply_gradients(s_grads, batch_stats=s_out["batch_stats"])
+      metrics["student_loss"] = s_out["loss"]
+      metrics["agree"] = s_out["agree"]
+      metrics["loss"] = total - s_out["loss"]
+    else:
+      metrics["loss"] = total
+      if w.adv and faithful_bn:
+        student = student.replace(batch_stats=aux["student_batch_stats"])
+    metrics["grad_norm"] = optax.global_norm(g_grads)
+    return state.replace(generator=new_g, student=student), metrics
+
+  return phase
+
+
+def sample_generator(state, key, batch: int, latent_dim: int, mesh):
+  """sg(G(z)) for student steps (G's running statistics are not updated: G always uses batch
+  statistics, so they are never read)."""
+  x, _ = generate(state.generator, state.generator.params, latents(key, batch, latent_dim, mesh),
+                  mesh)
+  return jax.lax.stop_gradient(x)
+
+
+def student_step(sample: Callable, *, kd: str, temperature: float = 1.0, at_beta: float = 0.0):
+  """One student update on `sample(state, key)` images with teacher soft targets.
+
+  Args:
+    sample: `sample(state, key) -> x` (already stop-gradiented).
+    kd: student loss name (see `kd_loss`).
+    temperature: for `kd="kl"`.
+    at_beta: weight of the attention-transfer term over the stage outputs (ZSKT: 250).
+  """
+
+  def phase(state, key):
+    x = sample(state, key)
+    t_logits, t_aux = state.teacher(x)
+    t_logits = jax.lax.stop_gradient(t_logits)
+    s = state.student
+
+    def loss_fn(params):
+      s_logits, s_aux, bs = student_forward(s, params, x, train=True)
+      loss = kd_loss(kd, t_logits, s_logits, temperature)
+      parts = {"kd": loss}
+      if at_beta:
+        at = losses.attention_transfer(t_aux["stages"], s_aux["stages"], beta=at_beta)
+        parts["at"] = at
+        loss = loss + at
+      return loss, (s_logits, bs, parts)
+
+    (loss, (s_logits, bs, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(s.params)
+    metrics = {"loss": loss, **parts,
+               "agree": losses.accuracy(s_logits, jnp.argmax(t_logits, -1)) * 100.0}
+    return state.replace(student=s.apply_gradients(grads, batch_stats=bs)), metrics
+
+  return phase
+
+
+def inversion_round(w: SynthesisWeights, *, batch: int, image_shape, num_classes: int,
+                    iterations: int, lr: float, b1: float, b2: float, jitter: int, flip: bool,
+                    mesh):
+  """DeepInversion/ADI: optimise a fresh batch of pixels for `iterations` Adam steps (lax.scan)
+  and push the final iterate into the image pool (methods.md §5).
+
+  Pixels start from N(0, 1); target labels are `arange(batch) % K` (every class, any batch
+  size); each iteration evaluates the loss on a jittered/flipped view. The student, used only by
+  the ADI competition term, runs in inference mode.
+  """
+  tx = optax.adam(lr, b1=b1, b2=b2)
+  labels = jnp.arange(batch) % num_classes
+
+  def phase(state, key):
+    init_key, loop_key = jax.random.split(key)
+    pixels = parallel.shard_batch(jax.random.normal(init_key, (batch, *image_shape)), mesh)
+    y = parallel.shard_batch(labels, mesh)
+
+    def body(carry, i):
+      px, opt_state = carry
+      k = jax.random.fold_in(loop_key, i)
+
+      def loss_fn(p):
+        view = augment.jitter_flip(k, p, jitter, flip) if (jitter or flip) else p
+        total, terms, _ = synthesis_terms(w, view, state, labels=y, student_train=False)
+        return total, terms
+
+      (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(px)
+      updates, opt_state = tx.update(grads, opt_state, px)
+      px = optax.apply_updates(px, updates)
+      return (px, opt_state), {"loss": total, **terms}
+
+    (pixels, _), metrics = jax.lax.scan(body, (pixels, tx.init(pixels)), jnp.arange(iterations))
+    first = jax.tree.map(lambda m: m[0], metrics)
+    last = jax.tree.map(lambda m: m[-1], metrics)
+    out = {**{f"{k}": v for k, v in last.items()}, "loss_first": first["loss"]}
+    pool = memory.pool_push(state.pool, jax.lax.stop_gradient(pixels))
+    return state.replace(pool=pool), out
+
+  return phase
+
+
+def sample_pool(state, key, batch: int, mesh):
+  return parallel.shard_batch(memory.pool_sample(state.pool, key, batch), mesh)

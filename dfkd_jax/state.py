@@ -1,0 +1,97 @@
+"""Functional train states: one `TrainState` per trainable model, `FrozenModel` for the teacher."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+from flax import struct
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+class TrainState(struct.PyTreeNode):
+  """Parameters, BatchNorm statistics and optimiser state of one trainable model.
+
+  `apply_fn` and `tx` are static (not checkpointed); everything else is a pytree leaf.
+  """
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  apply_fn: Callable = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, *, apply_fn, params, batch_stats, tx) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+               opt_state=tx.init(params), apply_fn=apply_fn, tx=tx)
+
+  def apply_gradients(self, grads, batch_stats=None) -> "TrainState":
+    """One optimiser update; `batch_stats` (if given) replaces the BN running statistics."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
+                        batch_stats=self.batch_stats if batch_stats is None else batch_stats)
+
+  @property
+  def variables(self) -> dict:
+    v = {"params": self.params}
+    if self.batch_stats:
+      v["batch_stats"] = self.batch_stats
+    return v
+
+
+class FrozenModel(struct.PyTreeNode):
+  """A frozen model (the teacher): parameters and running BN statistics, no optimiser."""
+  params: PyTree
+  batch_stats: PyTree
+  apply_fn: Callable = struct.field(pytree_node=False)
+
+  @property
+  def variables(self) -> dict:
+    v = {"params": self.params}
+    if self.batch_stats:
+      v["batch_stats"] = self.batch_stats
+    return v
+
+  def __call__(self, x, train: bool = False):
+    """Inference-mode forward pass (running BN statistics): returns (logits, aux)."""
+    return self.apply_fn(self.variables, x, train=train)
+
+
+def init_model(module: flax.linen.Module, key: jax.Array, sample_input: jax.Array,
+               **kwargs) -> tuple[PyTree, PyTree]:
+  """Initialises a Linen module; returns (params, batch_stats) (batch_stats may be {})."""
+  variables = module.init(key, sample_input, train=False, **kwargs)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def num_params(params: PyTree) -> int:
+  """Total number of scalars in a parameter tree."""
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def tree_bytes(tree: PyTree) -> int:
+  """Total bytes of the arrays in a tree."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+class DFKDState(struct.PyTreeNode):
+  """Everything a data-free distillation run needs to resume exactly.
+
+  All synthetic data are a function of (rng, step), so this pytree (checkpointed whole) is the
+  run. Per-phase keys are `fold_in(fold_in(rng, step), phase_id)`.
+  """
+  step: jax.Array
+  rng: jax.Array
+  teacher: FrozenModel
+  student: TrainState
+  generator: TrainState | None = None
+  pool: Any = None            # memory.ImagePool (DeepInversion/ADI)
+  bank: Any = None            # MB-DFKD memory bank
+  vae: TrainState | None = None
+  discriminator: TrainState | None = None
+  condensed: Any = None

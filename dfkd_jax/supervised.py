@@ -1,0 +1,216 @@
+"""Supervised training on real data: the teacher, and the two upper bounds for a student
+(trained from scratch on the labels, or by KD from the teacher on the real images).
+
+`config.method`: "teacher" trains `config.teacher.model`; "scratch" and "kd_real" train
+`config.student.model` (kd_real needs `config.teacher.workdir`). One jitted, donated step per
+iteration; the epoch permutation is drawn on device once per epoch; batches are gathered on
+device and sharded over the mesh's `data` axis.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import chex
+from flax import struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dfkd_jax import checkpointing
+from dfkd_jax import evaluation
+from dfkd_jax import logging_utils
+from dfkd_jax import losses
+from dfkd_jax import model_io
+from dfkd_jax import models as models_lib
+from dfkd_jax import optim
+from dfkd_jax import parallel
+from dfkd_jax import state as state_lib
+from dfkd_jax.data import datasets
+
+SUPERVISED_METHODS = ("teacher", "scratch", "kd_real")
+
+
+class SupervisedState(struct.PyTreeNode):
+  step: jax.Array
+  rng: jax.Array
+  model: state_lib.TrainState
+  teacher: state_lib.FrozenModel | None = None
+
+
+def augment_batch(key, x, kind: str):
+  """'none' or 'crop_flip': random 4-pixel-padded crop and horizontal flip, per sample."""
+  if kind == "none":
+    return x
+  if kind != "crop_flip":
+    raise ValueError(f"Unknown augment {kind!r}; valid: none, crop_flip.")
+  b, h, w, _ = x.shape
+  k1, k2 = jax.random.split(key)
+  pad = 4
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+  offs = jax.random.randint(k1, (b, 2), 0, 2 * pad + 1)
+  crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, x.shape[-1])))
+  x = crop(xp, offs)
+  flip = jax.random.bernoulli(k2, 0.5, (b, 1, 1, 1))
+  return jnp.where(flip, x[:, :, ::-1], x)
+
+
+def make_train_step(config, mesh, steps_per_epoch: int):
+  """Returns step(state, images, labels, perm) -> (state, metrics): one SGD step."""
+  batch_size = config.batch_size
+  kd = config.method == "kd_real"
+  temperature = config.kd.temperature
+  alpha = config.kd.alpha
+
+  def step(state: SupervisedState, images, labels, perm):
+    i = state.step % steps_per_epoch
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+    x = parallel.shard_batch(images[idx], mesh)
+    y = parallel.shard_batch(labels[idx], mesh)
+    key = jax.random.fold_in(state.rng, state.step)
+    x = augment_batch(key, x, config.augment)
+    t_logits = None
+    if kd:
+      t_logits, _ = state.teacher(x)
+      t_logits = jax.lax.stop_gradient(t_logits)
+    m = state.model
+
+    def loss_fn(params):
+      (logits, _), new_vars = m.apply_fn({"params": params, "batch_stats": m.batch_stats}, x,
+                                         train=True, mutable=["batch_stats"])
+      ce = losses.cross_entropy(logits, y)
+      if kd:
+        loss = alpha * losses.kd_kl(t_logits, logits, temperature) + (1 - alpha) * ce
+      else:
+        loss = ce
+      return loss, (logits, new_vars["batch_stats"], ce)
+
+    (loss, (logits, bs, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(m.params)
+    new_model = m.apply_gradients(grads, batch_stats=bs)
+    metrics = {"loss": loss, "ce": ce, "train_accuracy": losses.accuracy(logits, y) * 100.0}
+    return state.replace(step=state.step + 1, model=new_model), metrics
+
+  return step
+
+
+def _model_name(config) -> str:
+  return config.teacher.model if config.method == "teacher" else config.student.model
+
+
+def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains on the real train split and evaluates on the test split; returns the summary."""
+  if config.method not in SUPERVISED_METHODS:
+    raise ValueError(f"train_supervised handles {SUPERVISED_METHODS}, not {config.method!r}.")
+  info = datasets.get_info(config.dataset)
+  mesh = parallel.make_mesh(config.num_devices or None)
+  parallel.check_divisible(config.batch_size, mesh)
+  data_dir = config.data_dir or None
+  x_train, y_train = datasets.load_split(config.dataset, "train", data_dir, config.pad_to or None,
+                                         limit=config.train_limit or None)
+  x_test, y_test = datasets.load_split(config.dataset, info.test_split, data_dir,
+                                       config.pad_to or None, limit=config.test_limit or None)
+  n = x_train.shape[0]
+  if n < config.batch_size:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {n} training examples.")
+  steps_per_epoch = n // config.batch_size
+  total_steps = config.num_steps or steps_per_epoch * config.num_epochs
+  eval_every = config.eval_every or steps_per_epoch
+
+  name = _model_name(config)
+  module = models_lib.get_model(name, num_classes=info.num_classes)
+  rng = jax.random.key(config.seed)
+  init_key, state_key = jax.random.split(rng)
+  params, batch_stats = state_lib.init_model(module, init_key, jnp.asarray(x_train[:1]))
+  tx = optim.make_optimizer(config.optimizer, total_steps)
+  teacher = None
+  teacher_meta = None
+  if config.method == "kd_real":
+    _, teacher, teacher_meta = model_io.load_model(
+        config.teacher.workdir, role="teacher", expect_model=config.teacher.model,
+        expect_classes=info.num_classes, expect_channels=x_train.shape[-1],
+        hint="Train one first with method=teacher.")
+  state = SupervisedState(step=jnp.zeros((), jnp.int32), rng=state_key,
+                          model=state_lib.TrainState.create(apply_fn=module.apply, params=params,
+                                                            batch_stats=batch_stats, tx=tx),
+                          teacher=teacher)
+  state = parallel.replicate(state, mesh)
+  images = parallel.replicate(jnp.asarray(x_train), mesh)
+  labels = parallel.replicate(jnp.asarray(y_train), mesh)
+  test_images = parallel.replicate(jnp.asarray(x_test), mesh)
+  test_labels = parallel.replicate(jnp.asarray(y_test), mesh)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_to_keep)
+  history = {"eval_steps": [], "accuracy": [], "train_seconds": 0.0}
+  if ckpt.latest_step() is not None:
+    state, history = ckpt.restore(state)
+    print(f"Resumed from step {int(state.step)} ({workdir}/checkpoints).", flush=True)
+
+  train_step = jax.jit(chex.assert_max_traces(make_train_step(config, mesh, steps_per_epoch), 1),
+                       donate_argnums=0)
+  perm_fn = jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n)
+                    .astype(jnp.int32))
+  logger = logging_utils.RunLogger(workdir, total_steps, name=config.method)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  step = int(state.step)
+  perm_key = jax.random.fold_in(state_key, 1)
+  perm = perm_fn(perm_key, step // steps_per_epoch)
+  t_start = time.perf_counter()
+  t_compile = None
+  metrics = None
+  while step < total_steps:
+    if step % steps_per_epoch == 0 and step > 0:
+      perm = perm_fn(perm_key, step // steps_per_epoch)
+    t0 = time.perf_counter()
+    state, metrics = train_step(state, images, labels, perm)
+    step += 1
+    if t_compile is None:
+      jax.block_until_ready(metrics)
+      t_compile = time.perf_counter() - t0
+      logger.start(step)
+    if step % config.log_every == 0 or step == total_steps:
+      logger.write(step, jax.device_get(metrics))
+    if step % eval_every == 0 or step == total_steps:
+      ev = evaluation.evaluate(state.model.apply_fn, state.model.variables, test_images,
+                               test_labels, teacher=teacher)
+      history["eval_steps"].append(step)
+      history["accuracy"].append(ev["accuracy"])
+      logger.write(step, {f"test/{k}": v for k, v in ev.items()})
+    if step % config.checkpoint_every == 0 and step < total_steps:
+      history["train_seconds"] += time.perf_counter() - t_start
+      t_start = time.perf_counter()
+      ckpt.save(step, state, history)
+  history["train_seconds"] += time.perf_counter() - t_start
+  ckpt.save(step, state, history)
+  ckpt.close()
+  logger.close()
+
+  final = evaluation.evaluate(state.model.apply_fn, state.model.variables, test_images,
+                              test_labels, teacher=teacher)
+  summary = {
+      "method": config.method, "model": name, "dataset": config.dataset, "steps": step,
+      "test_accuracy": final["accuracy"], **evaluation.robustness(history["accuracy"]),
+      "accuracy_series": history["accuracy"], "eval_steps": history["eval_steps"],
+      "train_seconds": history["train_seconds"], "compile_seconds": t_compile,
+      "steps_per_second": logger.rate(step) if t_compile is not None else None,
+      "images_per_second": (logger.rate(step) * config.batch_size) if t_compile else None,
+      "num_params": state_lib.num_params(state.model.params),
+      "num_devices": int(mesh.devices.size),
+  }
+  if "agreement" in final:
+    summary["teacher_agreement"] = final["agreement"]
+  if teacher_meta is not None:
+    summary["teacher_sha256"] = teacher_meta["sha256"]
+  summary["sha256"] = model_io.export_model(
+      workdir, model_name=name, num_classes=info.num_classes, input_shape=x_train.shape[1:],
+      dataset=config.dataset, params=state.model.params, batch_stats=state.model.batch_stats,
+      extra={"test_accuracy": final["accuracy"], "method": config.method})
+  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  print(f"[{config.method}] {name} on {config.dataset}: test accuracy {final['accuracy']:.2f}% "
+        f"after {step} steps ({summary['train_seconds']:.0f} s).", flush=True)
+  return summary

@@ -4,15 +4,19 @@ Images are padded from 28x28 to 32x32 (LeNet-5's input size).
 
 Train the teacher (about 1 minute on 2 CPU cores; expect about 89-90% test accuracy):
   python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=teacher \
-      --workdir=runs/fmnist/teacher
+      --workdir=runs/fashion_mnist_lenet5/teacher
 Upper bounds for the student (real data):
   python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=scratch \
-      --workdir=runs/fmnist/scratch
+      --workdir=runs/fashion_mnist_lenet5/scratch
   python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=kd_real \
-      --config.teacher.workdir=runs/fmnist/teacher --workdir=runs/fmnist/kd_real
+      --workdir=runs/fashion_mnist_lenet5/kd_real
+Data-free (the teacher is read from teacher_workdir, default runs/fashion_mnist_lenet5/teacher):
+  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=dafl \
+      --workdir=runs/fashion_mnist_lenet5/dafl
+  (method = dafl | dfad | zskt | deepinversion | adi)
 
-Argument keys: method (teacher|scratch|kd_real|<data-free method>), tiny (a few steps on a
-slice of the data, for tests and notebooks).
+Argument keys: method (teacher|scratch|kd_real|<data-free method>), teacher_workdir, tiny (a
+few steps on a slice of the data, for tests and notebooks).
 """
 import os
 import sys
@@ -34,9 +38,9 @@ def get_config(arg: str | None = None):
   c.optimizer = common.optimizer("sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
                                  schedule="cosine")
   c.log_every = 100
+  c.teacher.workdir = args.teacher_workdir
   if args.method in common.DATA_FREE_METHODS:
     common.distill(c, args.method)
-    c.teacher.workdir = args.teacher_workdir
     _fashion_mnist_budget(c, args.method)
   if args.tiny:
     c.train_limit = 1024

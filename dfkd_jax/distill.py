@@ -38,6 +38,7 @@ class NonFiniteLossError(FloatingPointError):
 def build(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_shape=None,
           num_classes=None):
   """Loads the teacher and builds `(ctx, method)` for `config` (no data loading)."""
+  methods_lib.check_method(config.method)  # before reading the method's config blocks
   info = datasets.get_info(config.dataset)
   mesh = mesh or parallel.make_mesh(config.num_devices or None)
   parallel.check_divisible(config.distill.batch_size, mesh, "distill.batch_size")
@@ -124,6 +125,7 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if ckpt.latest_step() is not None:
     state, history = ckpt.restore(state)
     print(f"Resumed from iteration {int(state.step)} ({workdir}/checkpoints).", flush=True)
+  chex.clear_trace_counter()  # a run builds its own step; earlier runs share its source
   step_fn = make_step(method)
   preview = jax.jit(functools.partial(synthetic_preview, ctx=ctx, n=64))
   logger = logging_utils.RunLogger(workdir, d.num_iters, name=config.method)

@@ -148,6 +148,8 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, history = ckpt.restore(state)
     print(f"Resumed from step {int(state.step)} ({workdir}/checkpoints).", flush=True)
 
+  # A run builds its own step; forget traces of earlier runs in this process (same source).
+  chex.clear_trace_counter()
   train_step = jax.jit(chex.assert_max_traces(make_train_step(config, mesh, steps_per_epoch), 1),
                        donate_argnums=0)
   perm_fn = jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n)

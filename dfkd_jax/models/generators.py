@@ -11,8 +11,8 @@ ngf = 64 in all three official codes):
 * DAFL: `bn_eps=0.8` (PyTorch `BatchNorm2d(n, 0.8)`), the default.
 * DFAD ("GeneratorA"): `bn_eps=1e-5`.
 * PRE-DFKD novel generator: `bn_eps=0.8, spectral_norm=True,
-  weight_init="uniform008"`; its memory generator (VAE decoder) is the same without
-  spectral normalisation.
+  weight_init="uniform008"`; its memory generator (VAE decoder) is the same
+  without spectral normalisation.
 
 `ZSKTGenerator` is ZSKT's generator: Linear(d -> 2ngf n0^2) -> BN -> nearest
 resize n0 -> s/2 -> Conv(2ngf) -> BN -> LReLU -> x2 -> Conv(ngf) -> BN ->
@@ -36,10 +36,12 @@ Conventions:
   updated only when `train=True` (with `train=False` a power iteration from
   the stored `u` still runs but nothing is stored, whereas PyTorch's eval mode
   reuses the stored vectors as is).
-* `weight_init="default"` reproduces PyTorch's default initialisation used by the
-  official DAFL/DFAD/ZSKT code: weights U(+-1/sqrt(fan_in)) (Kaiming-uniform
-  with a = sqrt(5)) and biases U(+-1/sqrt(fan_in)); `weight_init="uniform008"` is
-  PRE-DFKD's U(-0.08, 0.08) weights with zero biases. BN layers start at
+* `weight_init="default"` reproduces PyTorch's default initialisation used by
+  the official DAFL/DFAD/ZSKT code: weights U(+-1/sqrt(fan_in))
+  (Kaiming-uniform with a = sqrt(5)) and biases U(+-1/sqrt(fan_in));
+  `weight_init="uniform008"` is PRE-DFKD's U(-0.08, 0.08) weights with zero
+  biases. (The attribute is `weight_init`, not `init`, because a field named
+  `init` would shadow `nn.Module.init`.) BN layers start at
   scale 1, bias 0 in both cases.
 * The output is always float32; `dtype` sets the compute dtype of the hidden
   layers.
@@ -134,6 +136,7 @@ class _ConvBlock(nn.Module):
 
 
 def _check_img_size(img_size: int) -> None:
+  """Raises a ValueError unless `img_size` is a positive multiple of 4."""
   if img_size % 4 != 0 or img_size <= 0:
     raise ValueError(
         f"Generator img_size must be a positive multiple of 4, got {img_size}.")
@@ -189,18 +192,19 @@ class Generator(nn.Module):
     _check_img_size(self.img_size)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, dtype=self.dtype)
-    x = _project(z, 2 * self.ngf, self.img_size // 4, self.weight_init, self.dtype)
+    conv = functools.partial(_ConvBlock, weight_init=self.weight_init,
+                             spectral_norm=self.spectral_norm,
+                             dtype=self.dtype)
+    x = _project(z, 2 * self.ngf, self.img_size // 4, self.weight_init,
+                 self.dtype)
     x = norm(epsilon=1e-5, name="bn0")(x)
     x = upsample_nearest_2x(x)
-    x = _ConvBlock(2 * self.ngf, self.weight_init, self.spectral_norm, self.dtype,
-                   name="block1")(x, train)
+    x = conv(2 * self.ngf, name="block1")(x, train)
     x = nn.leaky_relu(norm(epsilon=self.bn_eps, name="bn1")(x), 0.2)
     x = upsample_nearest_2x(x)
-    x = _ConvBlock(self.ngf, self.weight_init, self.spectral_norm, self.dtype,
-                   name="block2")(x, train)
+    x = conv(self.ngf, name="block2")(x, train)
     x = nn.leaky_relu(norm(epsilon=self.bn_eps, name="bn2")(x), 0.2)
-    x = _ConvBlock(self.channels, self.weight_init, self.spectral_norm, self.dtype,
-                   name="block3")(x, train)
+    x = conv(self.channels, name="block3")(x, train)
     x = x.astype(jnp.float32)
     if self.final_tanh:
       x = jnp.tanh(x)
@@ -245,15 +249,14 @@ class ZSKTGenerator(nn.Module):
     x = _project(z, 2 * self.ngf, init_size, self.weight_init, self.dtype)
     x = norm(name="bn0")(x)
     x = jax.image.resize(x, (x.shape[0], half, half, x.shape[-1]), "nearest")
-    x = _ConvBlock(2 * self.ngf, self.weight_init, False, self.dtype,
-                   name="block1")(x, train)
+    conv = functools.partial(_ConvBlock, weight_init=self.weight_init,
+                             spectral_norm=False, dtype=self.dtype)
+    x = conv(2 * self.ngf, name="block1")(x, train)
     x = nn.leaky_relu(norm(name="bn1")(x), 0.2)
     x = upsample_nearest_2x(x)
-    x = _ConvBlock(self.ngf, self.weight_init, False, self.dtype,
-                   name="block2")(x, train)
+    x = conv(self.ngf, name="block2")(x, train)
     x = nn.leaky_relu(norm(name="bn2")(x), 0.2)
-    x = _ConvBlock(self.channels, self.weight_init, False, self.dtype,
-                   name="block3")(x, train)
+    x = conv(self.channels, name="block3")(x, train)
     return nn.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=self.bn_eps, use_scale=False, use_bias=False,
                         dtype=jnp.float32, name="bn_out")(x.astype(jnp.float32))

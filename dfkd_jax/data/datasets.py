@@ -92,8 +92,9 @@ def pad_images(images: np.ndarray, size: int) -> np.ndarray:
   return out
 
 
-def _read_uint8(name: str, split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads a whole TFDS split as uint8 images and int32 labels (batched reads)."""
+def _read_uint8(name: str, split: str, data_dir: str,
+                limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Reads a TFDS split (its first `limit` examples, or all) as uint8 images and int32 labels."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   builder_dir = os.path.join(data_dir, name)
@@ -110,7 +111,7 @@ def _read_uint8(name: str, split: str, data_dir: str) -> tuple[np.ndarray, np.nd
         f"Could not open TFDS dataset {name!r} split {split!r} in {data_dir!r}: {e}. "
         f"Re-prepare it with python -m dfkd_jax.data.prepare {name} (it must be built in the "
         "array_record format).") from e
-  n = len(source)
+  n = len(source) if limit is None else min(len(source), limit)
   images, labels = [], []
   chunk = 2048
   for start in range(0, n, chunk):
@@ -121,8 +122,8 @@ def _read_uint8(name: str, split: str, data_dir: str) -> tuple[np.ndarray, np.nd
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_uint8(name: str, split: str, data_dir: str):
-  images, labels = _read_uint8(name, split, data_dir)
+def _cached_uint8(name: str, split: str, data_dir: str, limit: int | None = None):
+  images, labels = _read_uint8(name, split, data_dir, limit)
   images.setflags(write=False)
   labels.setflags(write=False)
   return images, labels
@@ -143,9 +144,9 @@ def load_split(name: str, split: str, data_dir: str | None = None, pad_to: int |
     (images float32 [N, H, W, C] normalised, labels int32 [N]).
   """
   info = get_info(name)
-  images, labels = _cached_uint8(info.tfds_name, split, data_dir or default_data_dir())
-  if limit is not None:
-    images, labels = images[:limit], labels[:limit]
+  # Decode only the first `limit` examples (decoding a whole split costs seconds).
+  images, labels = _cached_uint8(info.tfds_name, split, data_dir or default_data_dir(),
+                                 limit or None)
   x = normalize(images, info)
   if pad_to:
     # Pad in normalised space with the value of a black pixel, so padding looks like background.

@@ -121,6 +121,9 @@ def prepare(name: str, source: str | None = None, data_dir: str | None = None) -
           for entry in os.listdir(root):
             if entry.startswith("incomplete"):
               shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+          if not os.listdir(root):
+            # An empty dataset folder would look prepared to `datasets.load_split`.
+            os.rmdir(root)
       msg = str(e).splitlines()[0] if str(e) else type(e).__name__
       if "Checksum" in type(e).__name__ or "checksum" in msg.lower():
         msg += (" — the files are not byte-identical to the official release (are they the "

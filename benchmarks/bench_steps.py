@@ -1,0 +1,113 @@
+r"""Step throughput of every method and of supervised teacher training, on this machine.
+
+  python benchmarks/bench_steps.py --pairs lenet,resnet --batch 256 [--methods dafl,dfad]
+  python benchmarks/bench_steps.py --supervised lenet5_bn,resnet18
+
+Data-free steps use a randomly initialised teacher (speed does not depend on its weights).
+For each (pair, method): compile time of the first call, then the median wall time of
+`--repeats` timed outer iterations (after one warm-up), reported as iterations/s and student
+images/s. Prints a markdown table with the machine, date and command.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dfkd_jax import distill  # noqa: E402
+from dfkd_jax import models  # noqa: E402
+from dfkd_jax import parallel  # noqa: E402
+from dfkd_jax import state as state_lib  # noqa: E402
+from dfkd_jax import demo  # noqa: E402
+
+PAIRS = {
+    "lenet": ("configs/fashion_mnist_lenet5.py", "lenet5_bn", "lenet5_half_bn", (32, 32, 1)),
+    "resnet": ("configs/fashion_mnist_lenet5.py", "resnet20", "resnet8", (32, 32, 1)),
+}
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def machine() -> str:
+  return (f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} "
+          f"cores, jax {jax.__version__}, {jax.devices()[0].platform}")
+
+
+def time_method(pair: str, method: str, batch: int, repeats: int, ngf: int, di_iters: int,
+                student_steps: int | None):
+  cfg_path, t_name, s_name, shape = PAIRS[pair]
+  config = demo.load_config(os.path.join(ROOT, cfg_path), f"method={method}")
+  config.teacher.model, config.student.model = t_name, s_name
+  config.distill.batch_size = batch
+  config.generator.ngf = ngf
+  config.deepinversion.iterations = di_iters
+  config.deepinversion.pool_size = max(config.deepinversion.pool_size, batch)
+  if student_steps is not None and method != "dafl":
+    config.distill.student_steps = student_steps
+  t_module = models.get_model(t_name, num_classes=10)
+  params, bs = state_lib.init_model(t_module, jax.random.key(1), jnp.zeros((1, *shape)))
+  teacher = state_lib.FrozenModel(params=params, batch_stats=bs, apply_fn=t_module.apply)
+  mesh = parallel.make_mesh()
+  ctx, method_obj, _ = distill.build(config, mesh=mesh, teacher=teacher, image_shape=shape,
+                                     num_classes=10)
+  method_obj = distill.wrap_step(method_obj)
+  state = parallel.replicate(method_obj.init(jax.random.key(0)), mesh)
+  step = distill.make_step(method_obj)
+  t0 = time.perf_counter()
+  state, m = step(state)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  state, m = step(state)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, m = step(state)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  images = batch * config.distill.student_steps
+  return {"pair": f"{t_name} -> {s_name}", "method": method, "batch": batch,
+          "student_steps": config.distill.student_steps,
+          "inner": (f"{config.deepinversion.iterations} inversion iters"
+                    if method in ("deepinversion", "adi") else f"ngf {ngf}"),
+          "compile_s": compile_s, "median_s": med, "it_per_s": 1.0 / med,
+          "student_img_per_s": images / med}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--pairs", default="lenet,resnet")
+  p.add_argument("--methods", default="dafl,dfad,zskt,deepinversion,adi")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--ngf", type=int, default=32)
+  p.add_argument("--di_iters", type=int, default=20)
+  p.add_argument("--student_steps", type=int, default=None,
+                 help="override student steps per iteration (default: the method's)")
+  args = p.parse_args()
+  import chex  # pylint: disable=g-import-not-at-top
+  print(f"Machine: {machine()}; date {datetime.date.today()}; command: python "
+        + " ".join(sys.argv), flush=True)
+  print("\n| pair | method | batch | student steps/it | inner | compile (s) | median step (s) | "
+        "it/s | student img/s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+  for pair in args.pairs.split(","):
+    for method in args.methods.split(","):
+      chex.clear_trace_counter()
+      r = time_method(pair, method, args.batch, args.repeats, args.ngf, args.di_iters,
+                      args.student_steps)
+      print(f"| {r['pair']} | {r['method']} | {r['batch']} | {r['student_steps']} | {r['inner']} "
+            f"| {r['compile_s']:.1f} | {r['median_s']:.3f} | {r['it_per_s']:.2f} | "
+            f"{r['student_img_per_s']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -33,9 +33,27 @@ def _main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl flag parsing with one-line errors for bad config overrides (no traceback)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    if any(ln.startswith("Traceback") for ln in lines):  # config file raised: keep its message
+      lines = [lines[0], lines[-1]]
+    print("error: " + " ".join(lines), file=sys.stderr)
+  except AttributeError as e:  # ml_collections: the override names no field of the config
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: unknown config field {e} (in {' '.join(bad)}); see the config file for the "
+          "valid fields.", file=sys.stderr)
+  except (TypeError, ValueError) as e:  # wrong type for a field, or get_config rejected its arg
+    print(f"error: bad --config value: {e}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run():
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -92,11 +92,22 @@ def pad_images(images: np.ndarray, size: int) -> np.ndarray:
   return out
 
 
+class _NoOpenCVNotice:
+  """Drops TFDS's 'OpenCV is not installed' notice (PIL decoding is fine for these sizes)."""
+
+  def filter(self, record) -> bool:
+    return "OpenCV is not installed" not in record.getMessage()
+
+
 def _read_uint8(name: str, split: str, data_dir: str,
                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Reads a TFDS split (its first `limit` examples, or all) as uint8 images and int32 labels."""
+  import logging  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _NoOpenCVNotice) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoOpenCVNotice())
   builder_dir = os.path.join(data_dir, name)
   if not os.path.isdir(builder_dir):
     hint = DEBIAN_HINT.get(name, f"python -m dfkd_jax.data.prepare {name}   (needs internet "

@@ -1,0 +1,48 @@
+r"""Fashion-MNIST, ResNet-20 teacher -> ResNet-8 student (the small residual pair for CPUs).
+
+Images are padded from 28x28 to 32x32; the teacher trains with random crops and flips.
+
+  python -m dfkd_jax.main --config=configs/fashion_mnist_resnet20.py:method=teacher \
+      --workdir=runs/fashion_mnist_resnet20/teacher
+  python -m dfkd_jax.main --config=configs/fashion_mnist_resnet20.py:method=dfad \
+      --workdir=runs/fashion_mnist_resnet20/dfad
+
+Argument keys: method, teacher_workdir, tiny, epochs (teacher epochs).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, method="teacher", tiny=False, epochs=15,
+                          teacher_workdir="runs/fashion_mnist_resnet20/teacher")
+  c = common.base(args.method)
+  c.dataset = "fashion_mnist"
+  c.pad_to = 32
+  c.teacher.model = "resnet20"
+  c.teacher.workdir = args.teacher_workdir
+  c.student.model = "resnet8"
+  c.batch_size = 128
+  c.num_epochs = args.epochs
+  c.augment = "crop_flip"
+  c.optimizer = common.optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                 schedule="cosine")
+  c.checkpoint_every = 200
+  if args.method in common.DATA_FREE_METHODS:
+    common.distill(c, args.method)
+    c.distill.batch_size = 128
+    c.generator.ngf = 32
+  if args.tiny:
+    c.train_limit, c.test_limit, c.batch_size = 512, 256, 32
+    c.num_epochs, c.num_steps = 1, 4
+    c.log_every = c.eval_every = c.checkpoint_every = 2
+    if args.method in common.DATA_FREE_METHODS:
+      c.distill.update(dict(num_iters=4, batch_size=32, log_every=2, eval_every=2,
+                            checkpoint_every=2))
+      c.generator.ngf = 8
+      c.distill.student_steps = min(c.distill.student_steps, 2)
+      c.deepinversion.update(dict(iterations=3, pool_size=64))
+  return c

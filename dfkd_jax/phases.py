@@ -245,18 +245,30 @@ def student_step(sample: Callable, *, kd: str, temperature: float = 1.0, at_beta
   return phase
 
 
+def inversion_labels(batch: int, num_classes: int) -> jax.Array:
+  """DeepInversion target labels: `arange(batch) % K`, every class for any batch >= K.
+
+  Unlike the official CIFAR script's hard-coded `[0..9]*25 + [0..5]` (methods.md §5), the list
+  follows the configured batch size and class count; class counts differ by at most one.
+  """
+  if batch < num_classes:
+    raise ValueError(f"An inversion batch of {batch} cannot cover all {num_classes} classes: "
+                     f"use distill.batch_size >= {num_classes}.")
+  return jnp.arange(batch, dtype=jnp.int32) % num_classes
+
+
 def inversion_round(w: SynthesisWeights, *, batch: int, image_shape, num_classes: int,
                     iterations: int, lr: float, b1: float, b2: float, jitter: int, flip: bool,
                     mesh):
   """DeepInversion/ADI: optimise a fresh batch of pixels for `iterations` Adam steps (lax.scan)
   and push the final iterate into the image pool (methods.md §5).
 
-  Pixels start from N(0, 1); target labels are `arange(batch) % K` (every class, any batch
-  size); each iteration evaluates the loss on a jittered/flipped view. The student, used only by
-  the ADI competition term, runs in inference mode.
+  Pixels start from N(0, 1); target labels are `inversion_labels(batch, K)` (every class, any
+  batch size >= K); each iteration evaluates the loss on a jittered/flipped view. The student,
+  used only by the ADI competition term, runs in inference mode.
   """
   tx = optax.adam(lr, b1=b1, b2=b2)
-  labels = jnp.arange(batch) % num_classes
+  labels = inversion_labels(batch, num_classes)
 
   def phase(state, key):
     init_key, loop_key = jax.random.split(key)

@@ -15,13 +15,17 @@ METHODS = {
 }
 
 
-def make_method(ctx: Context):
-  name = ctx.config.method
+def check_method(name: str) -> None:
+  """Raises a ValueError listing the valid methods unless `name` is a data-free method."""
   if name not in METHODS:
     raise ValueError(f"Unknown method {name!r}. Valid data-free methods: "
                      f"{', '.join(sorted(METHODS))} (and teacher, scratch, kd_real for "
                      "supervised runs).")
-  return METHODS[name](ctx)
 
 
-__all__ = ["METHODS", "Context", "make_method", "base"]
+def make_method(ctx: Context):
+  check_method(ctx.config.method)
+  return METHODS[ctx.config.method](ctx)
+
+
+__all__ = ["METHODS", "Context", "check_method", "make_method", "base"]

@@ -1,0 +1,97 @@
+"""Tests of the functional image pool (`memory.ImagePool`)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfkd_jax import memory
+
+SHAPE = (2, 2, 1)
+
+
+def _images(values):
+  """A batch of constant images, image i filled with values[i] (identifiable after a push)."""
+  return jnp.stack([jnp.full(SHAPE, v, jnp.float32) for v in values])
+
+
+def _ids(images):
+  return np.asarray(images)[:, 0, 0, 0].tolist()
+
+
+def test_init_is_empty():
+  pool = memory.pool_init(5, SHAPE)
+  assert pool.capacity == 5
+  assert pool.images.shape == (5, *SHAPE)
+  assert int(pool.cursor) == 0 and int(pool.count) == 0
+
+
+def test_push_wraps_around_in_order():
+  pool = memory.pool_init(5, SHAPE)
+  pool = memory.pool_push(pool, _images([1, 2, 3]))
+  assert _ids(pool.images) == [1, 2, 3, 0, 0]
+  assert int(pool.cursor) == 3 and int(pool.count) == 3
+  pool = memory.pool_push(pool, _images([4, 5, 6]))
+  # 4 and 5 fill the end; 6 wraps to slot 0 and overwrites the oldest image (1).
+  assert _ids(pool.images) == [6, 2, 3, 4, 5]
+  assert int(pool.cursor) == 1 and int(pool.count) == 5
+
+
+def test_push_under_jit_matches_eager():
+  pool = memory.pool_init(5, SHAPE)
+  push = jax.jit(memory.pool_push)
+  for batch in ([1, 2, 3], [4, 5, 6], [7, 8]):
+    pool = push(pool, _images(batch))
+  assert _ids(pool.images) == [6, 7, 8, 4, 5]
+  assert int(pool.cursor) == 3 and int(pool.count) == 5
+
+
+def test_push_casts_to_pool_dtype():
+  pool = memory.pool_init(3, SHAPE, dtype=jnp.bfloat16)
+  pool = memory.pool_push(pool, _images([1.5]))
+  assert pool.images.dtype == jnp.bfloat16
+  assert _ids(pool.images) == [1.5, 0, 0]
+
+
+def test_sample_only_from_filled_entries():
+  pool = memory.pool_init(8, SHAPE)
+  pool = memory.pool_push(pool, _images([11, 12, 13]))
+  draws = _ids(jax.jit(memory.pool_sample, static_argnums=2)(pool, jax.random.key(0), 300))
+  # Never an empty (zero) slot, and with 300 draws every filled entry shows up.
+  assert set(draws) == {11, 12, 13}
+
+
+def test_sample_after_wrap_covers_whole_pool():
+  pool = memory.pool_init(4, SHAPE)
+  pool = memory.pool_push(pool, _images([1, 2, 3]))
+  pool = memory.pool_push(pool, _images([4, 5]))
+  draws = _ids(memory.pool_sample(pool, jax.random.key(1), 300))
+  assert set(draws) == {2, 3, 4, 5}
+
+
+def test_sample_shape_and_key_dependence():
+  pool = memory.pool_push(memory.pool_init(16, SHAPE), _images(range(1, 17)))
+  a = memory.pool_sample(pool, jax.random.key(0), 32)
+  b = memory.pool_sample(pool, jax.random.key(1), 32)
+  assert a.shape == (32, *SHAPE)
+  assert not np.array_equal(a, b)
+  np.testing.assert_array_equal(a, memory.pool_sample(pool, jax.random.key(0), 32))
+
+
+def test_empty_pool_sample_is_index_zero():
+  pool = memory.pool_init(4, SHAPE)
+  draws = memory.pool_sample(pool, jax.random.key(0), 10)
+  np.testing.assert_array_equal(draws, np.zeros((10, *SHAPE)))
+
+
+def test_push_more_than_capacity_raises():
+  pool = memory.pool_init(5, SHAPE)
+  with pytest.raises(ValueError, match="capacity 5"):
+    memory.pool_push(pool, _images(range(6)))
+
+
+def test_push_exactly_capacity():
+  pool = memory.pool_push(memory.pool_init(3, SHAPE), _images([1, 2]))
+  pool = memory.pool_push(pool, _images([7, 8, 9]))
+  # Slots 2, 0, 1 receive 7, 8, 9; the cursor comes back to 2.
+  assert _ids(pool.images) == [8, 9, 7]
+  assert int(pool.cursor) == 2 and int(pool.count) == 3

@@ -125,3 +125,12 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
   else:
     raise ValueError(f"Unknown data-free method {method!r}; valid: {', '.join(DATA_FREE_METHODS)}.")
   return c
+
+
+def tiny_distill(c: ml_collections.ConfigDict) -> None:
+  """Shrinks the data-free blocks to a few seconds of work (tests, notebooks, smoke runs)."""
+  c.distill.update(dict(num_iters=6, batch_size=32, log_every=2, eval_every=3,
+                        checkpoint_every=2))
+  c.generator.ngf = 8
+  c.distill.student_steps = min(c.distill.student_steps, 2)
+  c.deepinversion.update(dict(iterations=3, pool_size=64))

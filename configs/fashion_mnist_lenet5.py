@@ -52,11 +52,7 @@ def get_config(arg: str | None = None):
     c.eval_every = 4
     c.checkpoint_every = 4
     if args.method in common.DATA_FREE_METHODS:
-      c.distill.update(dict(num_iters=6, batch_size=32, log_every=2, eval_every=3,
-                            checkpoint_every=2))
-      c.generator.ngf = 8
-      c.distill.student_steps = min(c.distill.student_steps, 2)
-      c.deepinversion.update(dict(iterations=3, pool_size=64))
+      common.tiny_distill(c)
   return c
 
 
@@ -67,7 +63,7 @@ def _fashion_mnist_budget(c, method):
   c.distill.eval_every = 50
   c.distill.log_every = 25
   if method == "dafl":
-    c.distill.num_iters = 1000
+    c.distill.num_iters = 600
   elif method == "dfad":
     c.distill.num_iters = 300
     c.optimizer.lr = 0.05

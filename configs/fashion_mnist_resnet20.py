@@ -40,9 +40,5 @@ def get_config(arg: str | None = None):
     c.num_epochs, c.num_steps = 1, 4
     c.log_every = c.eval_every = c.checkpoint_every = 2
     if args.method in common.DATA_FREE_METHODS:
-      c.distill.update(dict(num_iters=4, batch_size=32, log_every=2, eval_every=2,
-                            checkpoint_every=2))
-      c.generator.ngf = 8
-      c.distill.student_steps = min(c.distill.student_steps, 2)
-      c.deepinversion.update(dict(iterations=3, pool_size=64))
+      common.tiny_distill(c)
   return c

@@ -197,7 +197,7 @@ def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
       metrics["loss"] = total
       if w.adv and faithful_bn:
         student = student.replace(batch_stats=aux["student_batch_stats"])
-    metrics["grad_norm"] = optax.global_norm(g_grads)
+    metrics["grad_norm"] = optax.tree.norm(g_grads)
     return state.replace(generator=new_g, student=student), metrics
 
   return phase

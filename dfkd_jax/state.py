@@ -12,6 +12,11 @@ import optax
 PyTree = Any
 
 
+def model_variables(params, batch_stats) -> dict:
+  """Linen variables dict; `batch_stats` is left out for models without BatchNorm."""
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
 class TrainState(struct.PyTreeNode):
   """Parameters, BatchNorm statistics and optimiser state of one trainable model.
 
@@ -38,10 +43,7 @@ class TrainState(struct.PyTreeNode):
 
   @property
   def variables(self) -> dict:
-    v = {"params": self.params}
-    if self.batch_stats:
-      v["batch_stats"] = self.batch_stats
-    return v
+    return model_variables(self.params, self.batch_stats)
 
 
 class FrozenModel(struct.PyTreeNode):
@@ -52,10 +54,7 @@ class FrozenModel(struct.PyTreeNode):
 
   @property
   def variables(self) -> dict:
-    v = {"params": self.params}
-    if self.batch_stats:
-      v["batch_stats"] = self.batch_stats
-    return v
+    return model_variables(self.params, self.batch_stats)
 
   def __call__(self, x, train: bool = False):
     """Inference-mode forward pass (running BN statistics): returns (logits, aux)."""

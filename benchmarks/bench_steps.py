@@ -42,11 +42,12 @@ def machine() -> str:
 
 
 def time_method(pair: str, method: str, batch: int, repeats: int, ngf: int, di_iters: int,
-                student_steps: int | None):
+                student_steps: int | None, unroll: bool = False):
   cfg_path, t_name, s_name, shape = PAIRS[pair]
   config = demo.load_config(os.path.join(ROOT, cfg_path), f"method={method}")
   config.teacher.model, config.student.model = t_name, s_name
   config.distill.batch_size = batch
+  config.distill.unroll = unroll
   config.generator.ngf = ngf
   config.deepinversion.iterations = di_iters
   config.deepinversion.pool_size = max(config.deepinversion.pool_size, batch)
@@ -93,19 +94,21 @@ def main():
   p.add_argument("--di_iters", type=int, default=20)
   p.add_argument("--student_steps", type=int, default=None,
                  help="override student steps per iteration (default: the method's)")
+  p.add_argument("--unroll", action="store_true", help="unroll the inner student repeats")
   args = p.parse_args()
   import chex  # pylint: disable=g-import-not-at-top
   print(f"Machine: {machine()}; date {datetime.date.today()}; command: python "
         + " ".join(sys.argv), flush=True)
-  print("\n| pair | method | batch | student steps/it | inner | compile (s) | median step (s) | "
-        "it/s | student img/s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+  print("\n| pair | method | batch | student steps/it | inner | unroll | compile (s) | "
+        "median step (s) | it/s | student img/s |\n|---|---|---|---|---|---|---|---|---|---|",
+        flush=True)
   for pair in args.pairs.split(","):
     for method in args.methods.split(","):
       chex.clear_trace_counter()
       r = time_method(pair, method, args.batch, args.repeats, args.ngf, args.di_iters,
-                      args.student_steps)
+                      args.student_steps, args.unroll)
       print(f"| {r['pair']} | {r['method']} | {r['batch']} | {r['student_steps']} | {r['inner']} "
-            f"| {r['compile_s']:.1f} | {r['median_s']:.3f} | {r['it_per_s']:.2f} | "
+            f"| {args.unroll} | {r['compile_s']:.1f} | {r['median_s']:.3f} | {r['it_per_s']:.2f} | "
             f"{r['student_img_per_s']:.0f} |", flush=True)
 
 

@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
     common.distill(c, args.method)
     c.distill.batch_size = 128
     c.generator.ngf = 32
+    c.distill.unroll = True  # XLA:CPU: conv gradients inside while loops are slow
   if args.tiny:
     c.train_limit, c.test_limit, c.batch_size = 512, 256, 32
     c.num_epochs, c.num_steps = 1, 4

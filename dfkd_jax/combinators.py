@@ -29,7 +29,8 @@ def sequence(*named_phases: tuple[str, Phase]) -> Phase:
   return run
 
 
-def repeat(n: int, phase: Callable, with_index: bool = False, same_key: bool = False) -> Phase:
+def repeat(n: int, phase: Callable, with_index: bool = False, same_key: bool = False,
+           unroll: bool = False) -> Phase:
   """Runs `phase` n times with `lax.scan`; returns the mean of each metric over the repeats.
 
   Args:
@@ -37,6 +38,9 @@ def repeat(n: int, phase: Callable, with_index: bool = False, same_key: bool = F
     phase: `phase(state, key)` or, with `with_index`, `phase(state, key, index)`.
     with_index: pass the (traced) repeat index.
     same_key: give every repeat the same key (ZSKT's student steps reuse one latent batch).
+    unroll: fully unroll the scan (compile time grows with n). On XLA:CPU, convolution
+      gradients inside a while loop run 6-27x slower than outside one (measured on jax 0.10.2,
+      see benchmarks/RESULTS.md), so CPU configs unroll short inner loops.
   """
   if n < 1:
     raise ValueError(f"repeat needs n >= 1, got {n}.")
@@ -47,7 +51,7 @@ def repeat(n: int, phase: Callable, with_index: bool = False, same_key: bool = F
       args = (carry, k, i) if with_index else (carry, k)
       return phase(*args)
 
-    state, metrics = jax.lax.scan(body, state, jnp.arange(n))
+    state, metrics = jax.lax.scan(body, state, jnp.arange(n), unroll=n if unroll else 1)
     return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
   return run

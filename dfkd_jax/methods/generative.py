@@ -48,8 +48,9 @@ def make_dfad(ctx: base.Context) -> Method:
   student = phases.student_step(_sample(ctx), kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature)
   gen = phases.generator_step(base.synthesis_weights(cfg.loss), batch=d.batch_size,
                               latent_dim=d.latent_dim, mesh=ctx.mesh, faithful_bn=cfg.faithful_bn)
-  body = combinators.sequence(("student", combinators.repeat(d.student_steps, student)),
-                              ("generator", gen))
+  body = combinators.sequence(
+      ("student", combinators.repeat(d.student_steps, student, unroll=d.unroll)),
+      ("generator", gen))
   return _wrap(ctx, body, base.make_generator(ctx))
 
 
@@ -62,5 +63,6 @@ def make_zskt(ctx: base.Context) -> Method:
                                 temperature=cfg.loss.kd_temperature, at_beta=cfg.loss.at_beta)
   body = combinators.sequence(
       ("generator", gen),
-      ("student", combinators.repeat(d.student_steps, student, same_key=True)))
+      ("student", combinators.repeat(d.student_steps, student, same_key=True,
+                                      unroll=d.unroll)))
   return _wrap(ctx, body, base.make_generator(ctx))

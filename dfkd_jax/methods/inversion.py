@@ -25,7 +25,8 @@ def make_deepinversion(ctx: base.Context) -> Method:
       lambda state, key: phases.sample_pool(state, key, d.batch_size, ctx.mesh),
       kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature)
   body = combinators.sequence(("synth", synth),
-                              ("student", combinators.repeat(d.student_steps, student)))
+                              ("student", combinators.repeat(d.student_steps, student,
+                                                           unroll=d.unroll)))
   init = functools.partial(base.init_state, ctx=ctx, pool_capacity=di.pool_size)
   if di.pool_size < d.batch_size:
     raise ValueError(f"deepinversion.pool_size={di.pool_size} must hold at least one batch "

@@ -103,11 +103,16 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
     c.gen_optimizer.lr = 0.2
     c.optimizer = optimizer("adam", lr=2e-3, momentum=0.0, weight_decay=0.0, schedule="constant")
   elif method == "dfad":
-    # 5 S steps (L1) then 1 G step (-L1); S SGD 0.1, G Adam 1e-3; BN eps 1e-5.
+    # 5 S steps (L1) then 1 G step (-L1); S SGD 0.1, G Adam 1e-3, both x0.1 at 20% and 40%
+    # of the budget (epochs 100 and 200 of 500); BN eps 1e-5; latent d = 256.
     c.loss = loss_block(adv=1.0, adv_type="l1", kd="l1")
     c.distill.student_steps = 5
+    c.distill.latent_dim = 256
     c.generator.bn_eps = 1e-5
-    c.optimizer = optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+    c.optimizer = optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="step",
+                            milestones=(0.2, 0.4))
+    c.gen_optimizer.schedule = "step"
+    c.gen_optimizer.milestones = (0.2, 0.4)
   elif method == "zskt":
     # 1 G step (-KL elementwise) + 10 S steps on the same z (KL + 250 AT); Adam 1e-3 / 2e-3.
     c.loss = loss_block(adv=1.0, adv_type="kl", kd="kl_elem", at_beta=250.0)

@@ -57,7 +57,8 @@ def results_table(rows: list[tuple[str, dict]]) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", default="runs/demo")
+  parser.add_argument("--workdir", default=None,
+                      help="default runs/demo (runs/demo_tiny with --tiny)")
   parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
   parser.add_argument("--config", default=CONFIG)
   parser.add_argument("--tiny", action="store_true", help="a few steps per run (smoke test)")
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   tiny = ",tiny" if args.tiny else ""
+  args.workdir = args.workdir or ("runs/demo_tiny" if args.tiny else "runs/demo")
   t0 = time.time()
   teacher_dir = os.path.join(args.workdir, "teacher")
   rows = []

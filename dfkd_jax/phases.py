@@ -119,6 +119,9 @@ def synthesis_terms(w: SynthesisWeights, x, state, *, labels=None, student_train
   if w.l2:
     terms["l2"] = losses.img_l2(x)
   if w.ce:
+    if labels is None:
+      raise ValueError("loss.ce > 0 needs target labels: only deepinversion/adi synthesise "
+                       "for given labels; set --config.loss.ce=0 for generator methods.")
     terms["ce"] = losses.cross_entropy(t_logits, labels)
   new_student_bs = state.student.batch_stats
   if w.adv:

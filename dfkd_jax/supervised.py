@@ -132,6 +132,9 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.teacher.workdir, role="teacher", expect_model=config.teacher.model,
         expect_classes=info.num_classes, expect_channels=x_train.shape[-1],
         hint="Train one first with method=teacher.")
+    if tuple(teacher_meta["input_shape"]) != tuple(x_train.shape[1:]):
+      raise ValueError(f"The teacher expects inputs {tuple(teacher_meta['input_shape'])} but the "
+                       f"data are {tuple(x_train.shape[1:])} (check config.pad_to).")
   state = SupervisedState(step=jnp.zeros((), jnp.int32), rng=state_key,
                           model=state_lib.TrainState.create(apply_fn=module.apply, params=params,
                                                             batch_stats=batch_stats, tx=tx),
@@ -187,7 +190,8 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
       t_start = time.perf_counter()
       ckpt.save(step, state, history)
   history["train_seconds"] += time.perf_counter() - t_start
-  ckpt.save(step, state, history)
+  if ckpt.latest_step() != step:  # a re-run of a finished run has nothing new to save
+    ckpt.save(step, state, history)
   ckpt.close()
   logger.close()
 

@@ -254,3 +254,22 @@ def test_bad_input_is_one_line_error(name, bad_input_results, teacher_dir, tmp_p
   assert len(stderr.strip().splitlines()) == 1, stderr
   for fragment in _bad_input_cases(teacher_dir, str(tmp_path))[name][2]:
     assert fragment in stderr, (fragment, stderr)
+
+
+def test_rerun_of_finished_distill_run_completes(distill_run, teacher_dir, tmp_path):
+  """A finished run re-run with the same command ends with the same summary (no Orbax
+  'step already exists' error)."""
+  workdir, summary = distill_run("dafl")
+  copy = str(tmp_path / "again")
+  shutil.copytree(workdir, copy)
+  config = get_config(f"method=dafl,tiny,teacher_workdir={teacher_dir}")
+  again = train.train_and_evaluate(config, copy)
+  assert again["accuracy_series"] == summary["accuracy_series"]
+  assert again["final"] == summary["final"]
+
+
+def test_ce_weight_without_labels_is_a_clear_error(teacher_dir, tmp_path):
+  config = get_config(f"method=dfad,tiny,teacher_workdir={teacher_dir}")
+  config.loss.ce = 1.0
+  with pytest.raises(ValueError, match="loss.ce"):
+    train.train_and_evaluate(config, str(tmp_path / "ce"))

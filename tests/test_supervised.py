@@ -6,6 +6,7 @@ uninterrupted reference for the kill-and-resume test and the teacher of the kd_r
 import glob
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -233,3 +234,15 @@ def test_too_many_devices_requested(tmp_path):
   config = helpers.tiny_teacher_config(num_devices=16)
   with pytest.raises(ValueError, match="16 devices but only 8"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_rerun_of_finished_run_completes(teacher_run, tmp_path):
+  """Re-running a finished (or killed-after-final-save) run must not fail on the existing
+  final checkpoint; it re-exports the same model."""
+  workdir, summary = teacher_run
+  copy = str(tmp_path / "again")
+  shutil.copytree(workdir, copy)
+  os.remove(os.path.join(copy, "summary.json"))
+  again = train.train_and_evaluate(helpers.tiny_teacher_config(num_steps=_NUM_STEPS), copy)
+  assert again["test_accuracy"] == summary["test_accuracy"]
+  assert again["sha256"] == summary["sha256"]

@@ -186,8 +186,7 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t_start = time.perf_counter()
         ckpt.save(it, state, history)
     history["train_seconds"] += time.perf_counter() - t_start
-    if ckpt.latest_step() != it:  # a re-run of a finished run has nothing new to save
-      ckpt.save(it, state, history)
+    ckpt.save_final(it, state, history)
   finally:
     ckpt.close()
     logger.close()

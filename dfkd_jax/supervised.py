@@ -190,8 +190,7 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
       t_start = time.perf_counter()
       ckpt.save(step, state, history)
   history["train_seconds"] += time.perf_counter() - t_start
-  if ckpt.latest_step() != step:  # a re-run of a finished run has nothing new to save
-    ckpt.save(step, state, history)
+  ckpt.save_final(step, state, history)
   ckpt.close()
   logger.close()
 

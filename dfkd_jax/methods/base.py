@@ -50,10 +50,6 @@ def make_generator(ctx: Context) -> nn.Module:
   raise ValueError(f"Unknown generator kind {g.kind!r}; valid: dafl, zskt.")
 
 
-def student_updates_per_iter(ctx: Context) -> int:
-  return ctx.d.student_steps
-
-
 def init_state(key, ctx: Context, *, generator: nn.Module | None = None,
                pool_capacity: int = 0) -> state_lib.DFKDState:
   """Fresh student (and generator / pool) around the frozen teacher."""
@@ -61,7 +57,7 @@ def init_state(key, ctx: Context, *, generator: nn.Module | None = None,
   k_s, k_g, k_rng = jax.random.split(key, 3)
   x0 = jnp.zeros((1, *ctx.image_shape), jnp.float32)
   s_params, s_bs = state_lib.init_model(ctx.student_module, k_s, x0)
-  total_student_updates = cfg.distill.num_iters * student_updates_per_iter(ctx)
+  total_student_updates = cfg.distill.num_iters * cfg.distill.student_steps
   student = state_lib.TrainState.create(
       apply_fn=ctx.student_module.apply, params=s_params, batch_stats=s_bs,
       tx=optim.make_optimizer(cfg.optimizer, total_student_updates))

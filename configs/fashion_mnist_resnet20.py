@@ -1,6 +1,7 @@
 r"""Fashion-MNIST, ResNet-20 teacher -> ResNet-8 student (the small residual pair for CPUs).
 
-Images are padded from 28x28 to 32x32; the teacher trains with random crops and flips.
+Images are padded from 28x28 to 32x32. Teacher: 5 epochs, no augmentation: 93.31 % test
+accuracy in about 33 minutes on 2 CPU cores (benchmarks/RESULTS.md).
 
   python -m dfkd_jax.main --config=configs/fashion_mnist_resnet20.py:method=teacher \
       --workdir=runs/fashion_mnist_resnet20/teacher
@@ -17,7 +18,7 @@ import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, method="teacher", tiny=False, epochs=15,
+  args = common.parse_arg(arg, method="teacher", tiny=False, epochs=5,
                           teacher_workdir="runs/fashion_mnist_resnet20/teacher")
   c = common.base(args.method)
   c.dataset = "fashion_mnist"
@@ -27,7 +28,7 @@ def get_config(arg: str | None = None):
   c.student.model = "resnet8"
   c.batch_size = 128
   c.num_epochs = args.epochs
-  c.augment = "crop_flip"
+  c.augment = "none"  # crop_flip is available; 5 epochs without it reached 93.31 %
   c.optimizer = common.optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                                  schedule="cosine")
   c.checkpoint_every = 200

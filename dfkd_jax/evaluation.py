@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfkd_jax import parallel
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "teacher_apply_fn", "batch_size"))

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+from dfkd_jax.models import convnet
 from dfkd_jax.models import lenet
 from dfkd_jax.models import mobilenetv2 as mobilenetv2_lib
 from dfkd_jax.models import resnet_cifar
@@ -34,6 +35,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn40_2": resnet_cifar.wrn40_2,
     # MobileNetV2, CIFAR variant.
     "mobilenetv2": mobilenetv2_lib.mobilenetv2,
+    # Distribution Matching's ConvNet-3 (instance norm, average pooling).
+    "convnet3": convnet.convnet3,
 }
 
 

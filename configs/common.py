@@ -40,6 +40,7 @@ def base(method: str) -> ml_collections.ConfigDict:
   """Fields every run has; dataset/model files fill in the rest."""
   c = ml_collections.ConfigDict()
   c.method = method
+  c.label = method         # how reports name the run (data-free configs refine it)
   c.seed = 0
   c.dataset = "fashion_mnist"
   c.data_dir = ""          # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -63,7 +64,8 @@ def base(method: str) -> ml_collections.ConfigDict:
   return c
 
 
-DATA_FREE_METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi")
+DATA_FREE_METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi", "mb_dfkd", "pre_dfkd")
+GUIDANCE_HOSTS = DATA_FREE_METHODS
 
 
 def loss_block(**overrides) -> ml_collections.ConfigDict:
@@ -97,6 +99,24 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
   c.deepinversion = ml_collections.ConfigDict(dict(
       iterations=2000, lr=0.05, b1=0.9, b2=0.999, jitter=2, flip=False, pool_size=256 * 50))
   c.loss = loss_block()
+  # Condensed-sample guidance (methods.md §8) on any method: "none" | "condensed" (feature
+  # alignment with a projection discriminator + condensed samples in the student batches) |
+  # "naive" (condensed samples in the student batches only: the "host + CS" baseline).
+  c.guidance = "none"
+  c.condensed = ml_collections.ConfigDict(dict(
+      path="",            # .npz from `python -m dfkd_jax.condense` (DM or few-shot)
+      lambda_fa=1.0,      # weight of the feature-alignment term in the synthesis loss
+      weight=1.0,         # w_c: weight of the KD loss on condensed samples
+      batch=128,          # condensed images per student step (<= |D_c|, drawn with replacement)
+      augment=True,       # DiffAugment (color, translation, cutout) on both sides
+      d_lr=2e-4, d_b1=0.5, d_b2=0.999, d_hidden=512))
+  c.mb_dfkd = ml_collections.ConfigDict(dict(slots=10, slot_size=128, push_every=180))
+  c.pre_dfkd = ml_collections.ConfigDict(dict(
+      memory_batch=128, vae_input=512, vae_steps=4, vae_latent_dim=1000, vae_ngf=64,
+      vae_bn_eps=1e-5, encoder_normalize="none", leak_z_grad_into_vae=False, z_lr=0.02,
+      kl_weight=1e-5,
+      vae_optimizer=optimizer("adam", lr=0.02 / 40, momentum=0.0, weight_decay=0.0,
+                              schedule="constant")))
   if method == "dafl":
     # MNIST script defaults: oh 1, ie 5, act 0.1; G Adam 0.2; S Adam 2e-3; KL, tau 1.
     c.loss = loss_block(oh=1.0, ie=5.0, act=0.1, kd="dafl_kd")
@@ -130,9 +150,51 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
                         adv=1.0 if method == "adi" else 0.0, adv_type="js_batch")
     c.distill.student_steps = 400
     c.optimizer = optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+  elif method in ("mb_dfkd", "pre_dfkd"):
+    # PRE-DFKD loop (methods.md §6-§7): B 1024, d 1000, 1 G step + 10 L1 student steps per
+    # iteration; G = PRE-DFKD novel generator (spectral norm, U(-.08, .08) init), Adam 0.02;
+    # S SGD 0.1 (cosine). MB-DFKD adds 10 bn_l2 (our choice of form and weight, methods.md §6)
+    # and a bank of 10 slots x 128 images pushed every 5 "epochs" of 36 iterations.
+    c.loss = loss_block(oh=1.0, ie=5.0, act=0.1, adv=1.0, adv_type="js", adv_temperature=3.0,
+                        bn=10.0 if method == "mb_dfkd" else 0.0, kd="l1")
+    c.distill.batch_size = 1024
+    c.distill.latent_dim = 1000
+    c.distill.student_steps = 10
+    c.generator.update(dict(spectral_norm=True, weight_init="uniform008", bn_eps=1e-5))
+    c.gen_optimizer.lr = 0.02
+    c.optimizer = optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
   else:
     raise ValueError(f"Unknown data-free method {method!r}; valid: {', '.join(DATA_FREE_METHODS)}.")
   return c
+
+
+def faithful_pre_dfkd(c: ml_collections.ConfigDict) -> None:
+  """The official PRE-DFKD code's quirks (methods.md §7), instead of our corrected defaults:
+  BN eps 0.8 in the generators' hidden BNs and the VAE, the latent-step gradient leaking into
+  G_m's update, and the encoder input L2-normalised along the image height."""
+  c.generator.bn_eps = 0.8
+  c.pre_dfkd.update(dict(vae_bn_eps=0.8, leak_z_grad_into_vae=True, encoder_normalize="height"))
+
+
+def scale_replay(c: ml_collections.ConfigDict) -> None:
+  """Keeps the replay sizes at the official ratios to distill.batch_size (B/8 replayed images
+  per step, B/2 novel images per VAE step), for configs that shrink the batch."""
+  b = c.distill.batch_size
+  c.mb_dfkd.slot_size = b // 8
+  c.pre_dfkd.memory_batch = b // 8
+  c.pre_dfkd.vae_input = b // 2
+
+
+def guidance(c: ml_collections.ConfigDict, mode: str, path: str) -> None:
+  """Turns on condensed-sample guidance ("condensed" / "naive") with the set at `path`."""
+  if mode not in ("none", "condensed", "naive"):
+    raise ValueError(f"Unknown guidance {mode!r}; valid: none, condensed, naive.")
+  c.guidance = mode
+  if mode != "none":
+    if not path:
+      raise ValueError(f"guidance={mode} needs a condensed set: add condensed=<file.npz> "
+                       "(make one with `python -m dfkd_jax.condense`).")
+    c.condensed.path = path
 
 
 def tiny_distill(c: ml_collections.ConfigDict) -> None:
@@ -141,4 +203,28 @@ def tiny_distill(c: ml_collections.ConfigDict) -> None:
                         checkpoint_every=2))
   c.generator.ngf = 8
   c.distill.student_steps = min(c.distill.student_steps, 2)
+  c.distill.latent_dim = min(c.distill.latent_dim, 32)
+  c.mb_dfkd.update(dict(slots=2, slot_size=8, push_every=2))
+  c.pre_dfkd.update(dict(memory_batch=8, vae_input=16, vae_steps=1, vae_latent_dim=16,
+                         vae_ngf=8))
+  c.condensed.update(dict(batch=16, d_hidden=32))
   c.deepinversion.update(dict(iterations=3, pool_size=64))
+
+
+# Config-file arguments shared by the data-free configs (`method=mb_dfkd,guidance=condensed,...`).
+DATA_FREE_ARGS = dict(guidance="none", condensed="", faithful=False, seed=0)
+
+
+def data_free_options(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
+  """Applies the shared data-free arguments: guidance + condensed set, `faithful` (PRE-DFKD /
+  MB-DFKD official-code quirks), seed; and records a run label for reports."""
+  c.seed = args.seed
+  if args.faithful:
+    faithful_pre_dfkd(c)
+  guidance(c, args.guidance, args.condensed)
+  c.label = c.method
+  if args.faithful:
+    c.label += " (faithful)"
+  if c.guidance != "none":
+    name = c.condensed.path.rsplit("/", 1)[-1].removesuffix(".npz")
+    c.label += f" + {c.guidance} ({name})"

@@ -27,7 +27,8 @@ import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, method="teacher", tiny=False,
-                          teacher_workdir="runs/fashion_mnist_lenet5/teacher")
+                          teacher_workdir="runs/fashion_mnist_lenet5/teacher",
+                          **common.DATA_FREE_ARGS)
   c = common.base(args.method)
   c.dataset = "fashion_mnist"
   c.pad_to = 32
@@ -42,6 +43,7 @@ def get_config(arg: str | None = None):
   if args.method in common.DATA_FREE_METHODS:
     common.distill(c, args.method)
     _fashion_mnist_budget(c, args.method)
+    common.data_free_options(c, args)
   if args.tiny:
     c.train_limit = 1024
     c.test_limit = 512
@@ -77,6 +79,17 @@ def _fashion_mnist_budget(c, method):
   elif method == "zskt":
     c.distill.num_iters = 150
     c.distill.student_steps = 5
+  elif method in ("mb_dfkd", "pre_dfkd"):
+    # B 128 (replay B/8 = 16 per step, VAE input B/2), latent 100, 5 student steps.
+    c.distill.num_iters = 120
+    c.distill.student_steps = 5
+    c.distill.latent_dim = 100
+    c.distill.eval_every = 20
+    c.mb_dfkd.push_every = 10
+    c.pre_dfkd.vae_latent_dim = 100
+    c.pre_dfkd.vae_ngf = 32
+    c.pre_dfkd.vae_steps = 2
+    common.scale_replay(c)
   else:  # deepinversion / adi
     c.distill.num_iters = 10
     c.distill.student_steps = 100

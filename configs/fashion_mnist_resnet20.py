@@ -19,7 +19,8 @@ import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, method="teacher", tiny=False, epochs=5,
-                          teacher_workdir="runs/fashion_mnist_resnet20/teacher")
+                          teacher_workdir="runs/fashion_mnist_resnet20/teacher",
+                          **common.DATA_FREE_ARGS)
   c = common.base(args.method)
   c.dataset = "fashion_mnist"
   c.pad_to = 32
@@ -37,6 +38,8 @@ def get_config(arg: str | None = None):
     c.distill.batch_size = 128
     c.generator.ngf = 32
     c.distill.unroll = True  # XLA:CPU: conv gradients inside while loops are slow
+    common.scale_replay(c)
+    common.data_free_options(c, args)
   if args.tiny:
     c.train_limit, c.test_limit, c.batch_size = 512, 256, 32
     c.num_epochs, c.num_steps = 1, 4

@@ -38,9 +38,12 @@ def repeat(n: int, phase: Callable, with_index: bool = False, same_key: bool = F
     phase: `phase(state, key)` or, with `with_index`, `phase(state, key, index)`.
     with_index: pass the (traced) repeat index.
     same_key: give every repeat the same key (ZSKT's student steps reuse one latent batch).
-    unroll: fully unroll the scan (compile time grows with n). On XLA:CPU, convolution
-      gradients inside a while loop run 6-27x slower than outside one (measured on jax 0.10.2,
-      see benchmarks/RESULTS.md), so CPU configs unroll short inner loops.
+    unroll: trace the phase n times in a Python loop instead of a `lax.scan` (compile time
+      grows with n). On XLA:CPU, convolution gradients inside a while loop run 6-27x slower
+      than outside one (measured on jax 0.10.2, see benchmarks/RESULTS.md), so CPU configs
+      unroll short inner loops. n = 1 is always traced without a loop: a length-1
+      `lax.scan` still compiles to a while loop (it made a PRE-DFKD step with one VAE step
+      30x slower).
   """
   if n < 1:
     raise ValueError(f"repeat needs n >= 1, got {n}.")
@@ -51,7 +54,13 @@ def repeat(n: int, phase: Callable, with_index: bool = False, same_key: bool = F
       args = (carry, k, i) if with_index else (carry, k)
       return phase(*args)
 
-    state, metrics = jax.lax.scan(body, state, jnp.arange(n), unroll=n if unroll else 1)
+    if n == 1 or unroll:  # a Python loop: no while loop in the program at all
+      outs = []
+      for i in range(n):
+        state, m = body(state, jnp.asarray(i, jnp.int32))
+        outs.append(m)
+      return state, jax.tree.map(lambda *ms: jnp.mean(jnp.stack(ms), axis=0), *outs)
+    state, metrics = jax.lax.scan(body, state, jnp.arange(n))
     return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
   return run

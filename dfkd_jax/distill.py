@@ -20,13 +20,16 @@ import ml_collections
 import numpy as np
 
 from dfkd_jax import checkpointing
+from dfkd_jax import condensed as condensed_lib
 from dfkd_jax import evaluation
 from dfkd_jax import logging_utils
+from dfkd_jax import memory
 from dfkd_jax import methods as methods_lib
 from dfkd_jax import model_io
 from dfkd_jax import models as models_lib
 from dfkd_jax import parallel
 from dfkd_jax import phases
+from dfkd_jax import state as state_lib
 from dfkd_jax import viz
 from dfkd_jax.data import datasets
 
@@ -58,8 +61,17 @@ def build(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_shap
       raise ValueError(f"The teacher expects inputs {tuple(teacher_meta['input_shape'])} but the "
                        f"config gives {tuple(image_shape)} (check config.pad_to).")
   student_module = models_lib.get_model(config.student.model, num_classes=num_classes)
+  condensed = None
+  if config.get("guidance", "none") != "none":
+    if not config.condensed.path:
+      raise ValueError(f"config.guidance={config.guidance!r} needs config.condensed.path (an "
+                       ".npz from `python -m dfkd_jax.condense`).")
+    images, labels, _ = condensed_lib.load_condensed(
+        config.condensed.path, image_shape=tuple(image_shape), num_classes=num_classes)
+    condensed = (images, labels)
   ctx = methods_lib.Context(config=config, teacher=teacher, student_module=student_module,
-                            num_classes=num_classes, image_shape=tuple(image_shape), mesh=mesh)
+                            num_classes=num_classes, image_shape=tuple(image_shape), mesh=mesh,
+                            condensed=condensed)
   return ctx, methods_lib.make_method(ctx), teacher_meta
 
 
@@ -102,6 +114,31 @@ def synthetic_preview(state, ctx, n: int):
   return x
 
 
+def place_state(state, mesh):
+  """Replicates the state over the mesh, except the memory bank, sharded like a batch."""
+  state = parallel.replicate(state, mesh)
+  if state.bank is not None:
+    state = state.replace(bank=state.bank.replace(
+        images=jax.device_put(state.bank.images, memory.bank_sharding(mesh))))
+  return state
+
+
+def images_per_iteration(config) -> int:
+  """Synthetic images the student sees per outer iteration (for the unbounded-store estimate)."""
+  return int(config.distill.batch_size * config.distill.student_steps)
+
+
+def replay_bytes(state) -> int:
+  """Bytes of the replay store: memory bank, image pool, or VAE parameters (0 if none)."""
+  if state.bank is not None:
+    return state.bank.nbytes
+  if state.vae is not None:
+    return state_lib.tree_bytes(state.vae.params)
+  if state.pool is not None:
+    return state_lib.tree_bytes(state.pool.images)
+  return 0
+
+
 def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Distils `config.student.model` from the teacher in `config.teacher.workdir` data-free."""
   info = datasets.get_info(config.dataset)
@@ -117,8 +154,7 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
     f.write(config.to_json_best_effort(indent=2))
 
   method = wrap_step(method)
-  state = method.init(jax.random.key(config.seed))
-  state = parallel.replicate(state, mesh)
+  state = place_state(method.init(jax.random.key(config.seed)), mesh)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_to_keep)
   history = {"eval_steps": [], "accuracy": [], "agreement": [], "train_seconds": 0.0,
              "eval_seconds": 0.0}
@@ -200,7 +236,12 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   except Exception:  # pylint: disable=broad-except
     pass
   summary = {
-      "method": config.method, "dataset": config.dataset, "teacher": config.teacher.model,
+      "method": config.method, "label": config.get("label", config.method),
+      "guidance": config.get("guidance", "none"),
+      "condensed": config.condensed.path if config.get("guidance", "none") != "none" else None,
+      "replay_bytes": replay_bytes(state),
+      "images_per_iteration": images_per_iteration(config),
+      "dataset": config.dataset, "teacher": config.teacher.model,
       "student": config.student.model, "iterations": it, **stats,
       "best_note": "best is test-selected (oracle); headline numbers are final and mu",
       "final_teacher_agreement": history["agreement"][-1] if history["agreement"] else None,

@@ -21,6 +21,7 @@ import optax
 
 from dfkd_jax import augment
 from dfkd_jax import bn_stats
+from dfkd_jax import guidance as guidance_lib
 from dfkd_jax import losses
 from dfkd_jax import memory
 from dfkd_jax import parallel
@@ -148,7 +149,7 @@ def generate(generator, params, z, mesh):
 
 def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
                    faithful_bn: bool = True, fused_student: dict | None = None,
-                   z_key: Callable | None = None):
+                   z_key: Callable | None = None, guidance=None):
   """One generator update on a fresh latent batch.
 
   Args:
@@ -158,26 +159,54 @@ def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
     faithful_bn: keep the student's BN running statistics updated by its train-mode forward
       inside this step, as the official codes do (methods.md §0.3).
     fused_student: DAFL: also update the student on the same images in this step, with
-      `{"kd": name, "temperature": τ, "grad_to_generator": bool}`.
+      `{"kd": name, "temperature": τ, "grad_to_generator": bool, "extras": (...)}` (extras as
+      in `student_step`: e.g. condensed samples).
     z_key: optional `z_key(state) -> key` to share one latent batch with other phases (ZSKT).
+    guidance: a `guidance.GuidanceSpec` with a discriminator: add `lambda_fa * L_FA` to the
+      generator loss and take one discriminator step on this batch (methods.md §8).
   """
+  adversarial_guidance = guidance is not None and guidance.adversarial
+  fused_extras = tuple((fused_student or {}).get("extras", ()))
 
   def phase(state, key):
     zk = z_key(state) if z_key is not None else key
     z = latents(zk, batch, latent_dim, mesh)
     g = state.generator
+    extra_x = [fn(state, jax.random.fold_in(key, 1000 + i))
+               for i, (_, fn) in enumerate(fused_extras)]
 
     def g_loss(g_params, s_params):
       x, g_bs = generate(g, g_params, z, mesh)
       total, terms, aux = synthesis_terms(w, x, state)
+      if adversarial_guidance:
+        y_hat = jnp.argmax(jax.lax.stop_gradient(aux["teacher_logits"]), -1)
+        fa, h = guidance_lib.alignment_loss(guidance, state, jax.random.fold_in(key, 11), x,
+                                            y_hat)
+        terms["fa"] = fa
+        total = total + guidance.lambda_fa * fa
+        aux = {**aux, "h": jax.lax.stop_gradient(h), "y": y_hat}
       s_out = {}
       if fused_student is not None:
         x_s = x if fused_student["grad_to_generator"] else jax.lax.stop_gradient(x)
-        s_logits, _, s_bs = student_forward(state.student, s_params, x_s, train=True)
+        n = x_s.shape[0]
         t_logits = jax.lax.stop_gradient(aux["teacher_logits"])
-        s_loss = kd_loss(fused_student["kd"], t_logits, s_logits, fused_student["temperature"])
+        if extra_x:
+          x_s = jnp.concatenate([x_s] + [jax.lax.stop_gradient(xe) for xe, _ in extra_x], 0)
+          t_extra = jax.lax.stop_gradient(
+              state.teacher(jnp.concatenate([xe for xe, _ in extra_x], 0))[0])
+        s_logits, _, s_bs = student_forward(state.student, s_params, x_s, train=True)
+        s_loss = kd_loss(fused_student["kd"], t_logits, s_logits[:n],
+                         fused_student["temperature"])
+        start = 0
+        for (xe, we), (name, _) in zip(extra_x, fused_extras):
+          m = xe.shape[0]
+          part = kd_loss(fused_student["kd"], t_extra[start:start + m],
+                         s_logits[n + start:n + start + m], fused_student["temperature"])
+          terms[f"student_{name}_loss"] = part
+          s_loss = s_loss + we * part
+          start += m
         s_out = {"loss": s_loss, "batch_stats": s_bs,
-                 "agree": losses.accuracy(s_logits, jnp.argmax(t_logits, -1)) * 100.0}
+                 "agree": losses.accuracy(s_logits[:n], jnp.argmax(t_logits, -1)) * 100.0}
         total = total + s_loss
       return total, (terms, g_bs, aux, s_out)
 
@@ -201,7 +230,12 @@ def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
       if w.adv and faithful_bn:
         student = student.replace(batch_stats=aux["student_batch_stats"])
     metrics["grad_norm"] = optax.tree.norm(g_grads)
-    return state.replace(generator=new_g, student=student), metrics
+    state = state.replace(generator=new_g, student=student)
+    if adversarial_guidance:
+      state, d_metrics = guidance_lib.discriminator_step(
+          guidance, state, jax.random.fold_in(key, 12), aux["h"], aux["y"])
+      metrics.update(d_metrics)
+    return state, metrics
 
   return phase
 
@@ -214,35 +248,68 @@ def sample_generator(state, key, batch: int, latent_dim: int, mesh):
   return jax.lax.stop_gradient(x)
 
 
-def student_step(sample: Callable, *, kd: str, temperature: float = 1.0, at_beta: float = 0.0):
+def student_step(sample: Callable, *, kd: str, temperature: float = 1.0, at_beta: float = 0.0,
+                 extras: tuple = (), normalize: tuple[str, ...] = ()):
   """One student update on `sample(state, key)` images with teacher soft targets.
 
   Args:
     sample: `sample(state, key) -> x` (already stop-gradiented).
     kd: student loss name (see `kd_loss`).
     temperature: for `kd="kl"`.
-    at_beta: weight of the attention-transfer term over the stage outputs (ZSKT: 250).
+    at_beta: weight of the attention-transfer term over the stage outputs (ZSKT: 250); on the
+      main batch only.
+    extras: `((name, fn), ...)` with `fn(state, key) -> (x_extra, weight)`: more images
+      (replayed memory, condensed samples) appended to the batch, so the teacher and the
+      student each run ONE forward pass over the concatenation. Each part has its own KD loss
+      (metric `<name>_loss`), added with its (traced) weight.
+    normalize: names of extras averaged with the main batch: (main + sum_i w_i l_i) /
+      (1 + sum_i w_i) over those extras. With `w_i = n_i / B` this is exactly the KD loss over
+      the concatenated batch (MB-DFKD, PRE-DFKD replay); a zero weight (an empty memory bank)
+      then gives the main batch's loss alone. Other extras are added after the average.
   """
 
   def phase(state, key):
     x = sample(state, key)
+    sizes, weights, names = [x.shape[0]], [], []
+    if extras:
+      parts = [x]
+      for i, (name, fn) in enumerate(extras):
+        xe, we = fn(state, jax.random.fold_in(key, 1000 + i))
+        parts.append(jax.lax.stop_gradient(xe))
+        sizes.append(xe.shape[0])
+        weights.append(we)
+        names.append(name)
+      x = jnp.concatenate(parts, 0)
     t_logits, t_aux = state.teacher(x)
     t_logits = jax.lax.stop_gradient(t_logits)
     s = state.student
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
     def loss_fn(params):
       s_logits, s_aux, bs = student_forward(s, params, x, train=True)
-      loss = kd_loss(kd, t_logits, s_logits, temperature)
+      seg = lambda a, i: a[bounds[i]:bounds[i + 1]]  # noqa: E731
+      loss = kd_loss(kd, seg(t_logits, 0), seg(s_logits, 0), temperature)
       parts = {"kd": loss}
+      added, norm = 0.0, 1.0
+      for i, (name, w) in enumerate(zip(names, weights), start=1):
+        part = kd_loss(kd, seg(t_logits, i), seg(s_logits, i), temperature)
+        parts[f"{name}_loss"] = part
+        if name in normalize:
+          loss, norm = loss + w * part, norm + w
+        else:
+          added = added + w * part
+      loss = loss / norm + added
       if at_beta:
-        at = losses.attention_transfer(t_aux["stages"], s_aux["stages"], beta=at_beta)
+        main = lambda stages: [a[:sizes[0]] for a in stages]  # noqa: E731
+        at = losses.attention_transfer(main(t_aux["stages"]), main(s_aux["stages"]),
+                                       beta=at_beta)
         parts["at"] = at
         loss = loss + at
-      return loss, (s_logits, bs, parts)
+      return loss, (s_logits[:sizes[0]], bs, parts)
 
     (loss, (s_logits, bs, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(s.params)
     metrics = {"loss": loss, **parts,
-               "agree": losses.accuracy(s_logits, jnp.argmax(t_logits, -1)) * 100.0}
+               "agree": losses.accuracy(s_logits, jnp.argmax(t_logits[:sizes[0]], -1)) * 100.0}
     return state.replace(student=s.apply_gradients(grads, batch_stats=bs)), metrics
 
   return phase
@@ -262,16 +329,19 @@ def inversion_labels(batch: int, num_classes: int) -> jax.Array:
 
 def inversion_round(w: SynthesisWeights, *, batch: int, image_shape, num_classes: int,
                     iterations: int, lr: float, b1: float, b2: float, jitter: int, flip: bool,
-                    mesh):
+                    mesh, guidance=None):
   """DeepInversion/ADI: optimise a fresh batch of pixels for `iterations` Adam steps (lax.scan)
   and push the final iterate into the image pool (methods.md §5).
 
   Pixels start from N(0, 1); target labels are `inversion_labels(batch, K)` (every class, any
   batch size >= K); each iteration evaluates the loss on a jittered/flipped view. The student,
-  used only by the ADI competition term, runs in inference mode.
+  used only by the ADI competition term, runs in inference mode. With adversarial `guidance`
+  (methods.md §8) every iteration adds `lambda_fa * L_FA` (labels: the targets) and takes one
+  discriminator step; the discriminator state rides in the scan carry.
   """
   tx = optax.adam(lr, b1=b1, b2=b2)
   labels = inversion_labels(batch, num_classes)
+  adversarial_guidance = guidance is not None and guidance.adversarial
 
   def phase(state, key):
     init_key, loop_key = jax.random.split(key)
@@ -279,25 +349,36 @@ def inversion_round(w: SynthesisWeights, *, batch: int, image_shape, num_classes
     y = parallel.shard_batch(labels, mesh)
 
     def body(carry, i):
-      px, opt_state = carry
+      px, opt_state, disc = carry
       k = jax.random.fold_in(loop_key, i)
+      st = state.replace(discriminator=disc)
 
       def loss_fn(p):
         view = augment.jitter_flip(k, p, jitter, flip) if (jitter or flip) else p
-        total, terms, _ = synthesis_terms(w, view, state, labels=y, student_train=False)
-        return total, terms
+        total, terms, _ = synthesis_terms(w, view, st, labels=y, student_train=False)
+        h = None
+        if adversarial_guidance:
+          fa, h = guidance_lib.alignment_loss(guidance, st, jax.random.fold_in(k, 11), view, y)
+          terms["fa"] = fa
+          total = total + guidance.lambda_fa * fa
+        return total, (terms, h)
 
-      (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(px)
+      (total, (terms, h)), grads = jax.value_and_grad(loss_fn, has_aux=True)(px)
       updates, opt_state = tx.update(grads, opt_state, px)
       px = optax.apply_updates(px, updates)
-      return (px, opt_state), {"loss": total, **terms}
+      if adversarial_guidance:
+        st, d_metrics = guidance_lib.discriminator_step(
+            guidance, st, jax.random.fold_in(k, 12), jax.lax.stop_gradient(h), y)
+        terms = {**terms, **d_metrics}
+      return (px, opt_state, st.discriminator), {"loss": total, **terms}
 
-    (pixels, _), metrics = jax.lax.scan(body, (pixels, tx.init(pixels)), jnp.arange(iterations))
+    (pixels, _, disc), metrics = jax.lax.scan(
+        body, (pixels, tx.init(pixels), state.discriminator), jnp.arange(iterations))
     first = jax.tree.map(lambda m: m[0], metrics)
     last = jax.tree.map(lambda m: m[-1], metrics)
     out = {**{f"{k}": v for k, v in last.items()}, "loss_first": first["loss"]}
     pool = memory.pool_push(state.pool, jax.lax.stop_gradient(pixels))
-    return state.replace(pool=pool), out
+    return state.replace(pool=pool, discriminator=disc), out
 
   return phase
 

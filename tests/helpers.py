@@ -24,7 +24,7 @@ FMNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 TEACHER_CONFIG = "configs/fashion_mnist_lenet5.py"
 
 SUPERVISED_METHODS = ("teacher", "scratch", "kd_real")
-DATA_FREE_METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi")
+DATA_FREE_METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi", "mb_dfkd", "pre_dfkd")
 ALL_METHODS = SUPERVISED_METHODS + DATA_FREE_METHODS
 
 

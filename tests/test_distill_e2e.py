@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 CONFIG_FILE = os.path.join("configs", "fashion_mnist_lenet5.py")
-METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi")
+METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi", "mb_dfkd", "pre_dfkd")
 
 
 def _have_fashion_mnist():

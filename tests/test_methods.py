@@ -24,8 +24,8 @@ from dfkd_jax import parallel
 from dfkd_jax import phases
 from dfkd_jax import state as state_lib
 
-METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi")
-GENERATIVE = ("dafl", "dfad", "zskt")
+METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi", "mb_dfkd", "pre_dfkd")
+GENERATIVE = ("dafl", "dfad", "zskt", "mb_dfkd", "pre_dfkd")
 IMAGE_SHAPE = (32, 32, 1)
 NUM_CLASSES = 10
 STEPS = 3
@@ -96,7 +96,7 @@ def run(method, num_devices=DEVICES, steps=STEPS) -> Run:
   key = (method, num_devices, steps)
   if key not in _RUNS:
     ctx, m = build(method, num_devices)
-    state = parallel.replicate(m.init(jax.random.key(0)), ctx.mesh)
+    state = distill.place_state(m.init(jax.random.key(0)), ctx.mesh)
     traces = []
     body = m.step
 
@@ -158,11 +158,12 @@ def test_generator_is_updated(method):
 
 
 @pytest.mark.parametrize("method,prefix", [("dafl", "dafl"), ("dfad", "generator"),
-                                           ("zskt", "generator")])
+                                           ("zskt", "generator"), ("mb_dfkd", "generator"),
+                                           ("pre_dfkd", "generator")])
 def test_synthesis_loss_and_generator_gradient_are_nonzero(method, prefix):
   r = run(method)
   metrics = r.metrics[0]
-  if method != "dafl":
+  if method in ("dfad", "zskt"):
     # Only the adversarial weight is non-zero, so the gradient is the adversarial term's alone.
     nonzero = {k for k in ("oh", "ie", "act", "adv", "bn", "tv", "l2", "ce") if r.config.loss[k]}
     assert nonzero == {"adv"}

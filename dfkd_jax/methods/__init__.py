@@ -4,6 +4,7 @@ from __future__ import annotations
 from dfkd_jax.methods import base
 from dfkd_jax.methods import generative
 from dfkd_jax.methods import inversion
+from dfkd_jax.methods import replay
 from dfkd_jax.methods.base import Context
 
 METHODS = {
@@ -12,6 +13,8 @@ METHODS = {
     "zskt": generative.make_zskt,
     "deepinversion": inversion.make_deepinversion,
     "adi": inversion.make_deepinversion,
+    "mb_dfkd": replay.make_mb_dfkd,
+    "pre_dfkd": replay.make_pre_dfkd,
 }
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dfkd_jax import guidance as guidance_lib
 from dfkd_jax import memory
 from dfkd_jax import models as models_lib
 from dfkd_jax import optim
@@ -25,6 +26,13 @@ class Context:
   num_classes: int
   image_shape: tuple[int, int, int]
   mesh: Any
+  condensed: Any = None   # (images, labels) numpy arrays when config.guidance != "none"
+
+  @property
+  def guidance(self):
+    """The `guidance.GuidanceSpec` of this run, or None."""
+    n = None if self.condensed is None else len(self.condensed[1])
+    return guidance_lib.spec_from_config(self.config, self.mesh.devices.size, n)
 
   @property
   def d(self) -> ml_collections.ConfigDict:
@@ -51,8 +59,19 @@ def make_generator(ctx: Context) -> nn.Module:
 
 
 def init_state(key, ctx: Context, *, generator: nn.Module | None = None,
-               pool_capacity: int = 0) -> state_lib.DFKDState:
-  """Fresh student (and generator / pool) around the frozen teacher."""
+               pool_capacity: int = 0, bank: tuple[int, int] | None = None,
+               vae: tuple[nn.Module, Any] | None = None) -> state_lib.DFKDState:
+  """Fresh student (and generator / pool / memory bank / VAE / discriminator) around the
+  frozen teacher.
+
+  Args:
+    key: PRNG key.
+    ctx: the method context.
+    generator: generator module (generator methods).
+    pool_capacity: image pool size (DeepInversion/ADI).
+    bank: `(slots, slot_size)` of an MB-DFKD memory bank.
+    vae: `(module, optimizer config)` of a PRE-DFKD memory generator.
+  """
   cfg = ctx.config
   k_s, k_g, k_rng = jax.random.split(key, 3)
   x0 = jnp.zeros((1, *ctx.image_shape), jnp.float32)
@@ -70,10 +89,34 @@ def init_state(key, ctx: Context, *, generator: nn.Module | None = None,
         batch_stats=variables.get("batch_stats", {}),
         tx=optim.make_optimizer(cfg.gen_optimizer, cfg.distill.num_iters))
   pool = memory.pool_init(pool_capacity, ctx.image_shape) if pool_capacity else None
+  bank_state = memory.bank_init(*bank, ctx.image_shape) if bank else None
+  vae_state = None
+  if vae is not None:
+    module, opt_cfg = vae
+    variables = module.init({"params": jax.random.fold_in(key, 101)}, x0,
+                            jax.random.fold_in(key, 102), train=False)
+    vae_state = state_lib.TrainState.create(
+        apply_fn=module.apply, params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=optim.make_optimizer(opt_cfg, cfg.distill.num_iters))
+  spec, disc, condensed = ctx.guidance, None, None
+  if spec is not None:
+    images, labels = ctx.condensed
+    condensed = {"images": jnp.asarray(images, jnp.float32),
+                 "labels": jnp.asarray(labels, jnp.int32)}
+    disc = guidance_lib.init_discriminator(jax.random.fold_in(key, 103), spec, ctx.teacher,
+                                           ctx.image_shape, ctx.num_classes, cfg)
   return state_lib.DFKDState(step=jnp.zeros((), jnp.int32), rng=k_rng, teacher=ctx.teacher,
-                             student=student, generator=gen_state, pool=pool)
+                             student=student, generator=gen_state, pool=pool, bank=bank_state,
+                             vae=vae_state, discriminator=disc, condensed=condensed)
 
 
 def shared_z_key(state):
   """One latent batch per outer iteration, shared by phases (ZSKT)."""
   return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7919)
+
+
+def condensed_extras(ctx: Context) -> tuple:
+  """Student-step extras for `config.guidance` ("condensed" or "naive"): condensed samples."""
+  spec = ctx.guidance
+  return () if spec is None else (("condensed", guidance_lib.student_extra(spec)),)

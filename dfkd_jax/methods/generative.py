@@ -5,6 +5,10 @@
 - DFAD: `student_steps` S steps (L1 on logits, fresh z each), then 1 G step maximising L1.
 - ZSKT: 1 G step maximising the elementwise KL, then `student_steps` S steps (KL + β·AT) on
   G(z) recomputed from the SAME z after the G update.
+
+Each takes condensed-sample guidance (`config.guidance`, methods.md §8) by config alone: the
+generator step adds the feature-alignment term and a discriminator step, and every student
+update adds condensed samples (see `dfkd_jax.guidance`).
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ def make_dafl(ctx: base.Context) -> Method:
       base.synthesis_weights(cfg.loss), batch=d.batch_size, latent_dim=d.latent_dim,
       mesh=ctx.mesh, faithful_bn=cfg.faithful_bn,
       fused_student={"kd": cfg.loss.kd, "temperature": cfg.loss.kd_temperature,
-                     "grad_to_generator": cfg.dafl.kd_grad_to_generator})
+                     "grad_to_generator": cfg.dafl.kd_grad_to_generator,
+                     "extras": base.condensed_extras(ctx)},
+      guidance=ctx.guidance)
   if d.student_steps != 1:
     raise ValueError("DAFL updates G and S together once per iteration: set "
                      "config.distill.student_steps=1.")
@@ -45,9 +51,11 @@ def make_dafl(ctx: base.Context) -> Method:
 
 def make_dfad(ctx: base.Context) -> Method:
   d, cfg = ctx.d, ctx.config
-  student = phases.student_step(_sample(ctx), kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature)
+  student = phases.student_step(_sample(ctx), kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature,
+                                extras=base.condensed_extras(ctx))
   gen = phases.generator_step(base.synthesis_weights(cfg.loss), batch=d.batch_size,
-                              latent_dim=d.latent_dim, mesh=ctx.mesh, faithful_bn=cfg.faithful_bn)
+                              latent_dim=d.latent_dim, mesh=ctx.mesh, faithful_bn=cfg.faithful_bn,
+                              guidance=ctx.guidance)
   body = combinators.sequence(
       ("student", combinators.repeat(d.student_steps, student, unroll=d.unroll)),
       ("generator", gen))
@@ -58,9 +66,10 @@ def make_zskt(ctx: base.Context) -> Method:
   d, cfg = ctx.d, ctx.config
   gen = phases.generator_step(base.synthesis_weights(cfg.loss), batch=d.batch_size,
                               latent_dim=d.latent_dim, mesh=ctx.mesh, faithful_bn=cfg.faithful_bn,
-                              z_key=base.shared_z_key)
+                              z_key=base.shared_z_key, guidance=ctx.guidance)
   student = phases.student_step(_sample(ctx, base.shared_z_key), kd=cfg.loss.kd,
-                                temperature=cfg.loss.kd_temperature, at_beta=cfg.loss.at_beta)
+                                temperature=cfg.loss.kd_temperature, at_beta=cfg.loss.at_beta,
+                                extras=base.condensed_extras(ctx))
   body = combinators.sequence(
       ("generator", gen),
       ("student", combinators.repeat(d.student_steps, student, same_key=True,

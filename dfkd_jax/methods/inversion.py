@@ -4,6 +4,10 @@ then `distill.student_steps` KD steps on batches drawn uniformly from the pool.
 
 ADI is DeepInversion with the competition weight `loss.adv > 0` (`adv_type="js_batch"`, the
 batch-mean reduction of the official code, τ = 3).
+
+With `config.guidance="condensed"` (methods.md §8) every inversion iteration adds the
+feature-alignment term (labels: the inversion targets) and takes one discriminator step, and the
+student steps add condensed samples; `"naive"` adds the condensed samples only.
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ def make_deepinversion(ctx: base.Context) -> Method:
   synth = phases.inversion_round(
       base.synthesis_weights(cfg.loss), batch=d.batch_size, image_shape=ctx.image_shape,
       num_classes=ctx.num_classes, iterations=di.iterations, lr=di.lr, b1=di.b1, b2=di.b2,
-      jitter=di.jitter, flip=di.flip, mesh=ctx.mesh)
+      jitter=di.jitter, flip=di.flip, mesh=ctx.mesh, guidance=ctx.guidance)
   student = phases.student_step(
       lambda state, key: phases.sample_pool(state, key, d.batch_size, ctx.mesh),
-      kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature)
+      kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature, extras=base.condensed_extras(ctx))
   body = combinators.sequence(("synth", synth),
                               ("student", combinators.repeat(d.student_steps, student,
                                                            unroll=d.unroll)))

@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from dfkd_jax import report
+
 DEFAULT_METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "fashion_mnist_lenet5.py")
@@ -43,16 +45,8 @@ def _run(name: str, arg: str, workdir: str, config_path: str, overrides=None) ->
 
 
 def results_table(rows: list[tuple[str, dict]]) -> str:
-  """Markdown table: run, final, mu, sigma^2, best (oracle), agreement, time."""
-  lines = ["| run | final acc. (%) | mu (%) | sigma^2 | best, test-selected (%) | "
-           "teacher agreement (%) | time (s) |", "|---|---|---|---|---|---|---|"]
-  for name, s in rows:
-    final = s.get("final", s.get("test_accuracy"))
-    agree = s.get("final_teacher_agreement", s.get("teacher_agreement"))
-    fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines.append(f"| {name} | {fmt(final)} | {fmt(s.get('mu'))} | {fmt(s.get('sigma2'))} | "
-                 f"{fmt(s.get('best'))} | {fmt(agree)} | {fmt(s.get('train_seconds'), 0)} |")
-  return "\n".join(lines)
+  """Markdown table of `(name, summary)` rows: `dfkd_jax.report.markdown_table`, one run each."""
+  return report.markdown_table({name: [summary] for name, summary in rows})
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,17 @@
-r"""Command line: `python -m dfkd_jax.main --config=configs/<file>.py:method=<m> --workdir=<dir>`.
+r"""Command line of dfkd_jax: train (default), evaluate a saved model, or condense.
+
+  python -m dfkd_jax.main --config=configs/<file>.py:method=<m> --workdir=<dir> [--config.<k>=<v>]
+  python -m dfkd_jax.main --mode=evaluate --model_dir=<run> [--teacher_dir=<run>] [--limit=N]
+  python -m dfkd_jax.main --mode=condense -- <arguments of dfkd_jax.condense>
 
 This module only parses flags and sets process-wide JAX options; all work happens in
-`dfkd_jax.train.train_and_evaluate`, which notebooks and tests import directly.
+`dfkd_jax.train.train_and_evaluate` (and `dfkd_jax.condense.main`), which notebooks and tests
+import directly.
 """
 from __future__ import annotations
 
+import ast
+import glob
 import os
 import sys
 
@@ -14,22 +21,184 @@ from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (path.py:arg).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run folder (created; resumed if it holds a checkpoint).")
+MODES = {
+    "train": "(default) run the config's method: teacher, scratch, kd_real (real data) or a "
+             "data-free one",
+    "evaluate": "accuracy of a saved model (--model_dir) and its agreement with a teacher "
+                "(--teacher_dir); writes nothing",
+    "condense": "dfkd_jax.condense; its arguments follow `--` (see --mode=condense -- --help)",
+}
+config_flags.DEFINE_config_file("config", None, "mode=train: config file (path.py:arg).",
+                                lock_config=True)
+flags.DEFINE_enum("mode", "train", list(MODES), "What to do (see the modes above).")
+flags.DEFINE_string("workdir", None,
+                    "mode=train: run folder (created; resumed if it holds a checkpoint).")
+flags.DEFINE_string("model_dir", None,
+                    "mode=evaluate: run folder holding model.msgpack + model.json.")
+flags.DEFINE_string("teacher_dir", None,
+                    "mode=evaluate: teacher run folder, for the teacher agreement.")
+flags.DEFINE_string("dataset", None, "mode=evaluate: dataset (default: the one in model.json).")
+flags.DEFINE_string("split", None, "mode=evaluate: split (default: the dataset's test split).")
+flags.DEFINE_string("data_dir", None,
+                    "mode=evaluate: TFDS data dir (default $TFDS_DATA_DIR or "
+                    "~/tensorflow_datasets).")
+flags.DEFINE_integer("limit", 0, "mode=evaluate: only the first N examples (0: all).",
+                     lower_bound=0)
+_MODE_FLAGS = {"train": ("config", "workdir"),
+               "evaluate": ("model_dir", "teacher_dir", "dataset", "split", "data_dir", "limit"),
+               "condense": ()}
+_OWN_FLAGS = ("mode", *(name for names in _MODE_FLAGS.values() for name in names))
+_HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class UsageError(ValueError):
+  """A wrong combination of flags."""
+
+
+def config_files() -> list[tuple[str, str]]:
+  """(path, first docstring line) of every config file (`configs/*.py` but `common.py`).
+
+  Looks in the repository's `configs/` and in `./configs`; paths are shown relative to the
+  current directory when below it.
+  """
+  found = {}
+  for folder in (os.path.join(_REPO_ROOT, "configs"), os.path.abspath("configs")):
+    for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
+      if os.path.basename(path) == "common.py" or path in found:
+        continue
+      try:
+        with open(path, encoding="utf-8") as f:
+          doc = ast.get_docstring(ast.parse(f.read())) or ""
+      except (OSError, SyntaxError, ValueError):
+        doc = ""
+      found[path] = next((ln.strip() for ln in doc.splitlines() if ln.strip()), "")
+  out = []
+  for path, line in found.items():
+    rel = os.path.relpath(path)
+    out.append((path if rel.startswith("..") else rel, line))
+  return out
+
+
+def usage() -> str:
+  """The --help text: usage, modes, config files, flags."""
+  title, commands = __doc__.split("\n\n")[:2]
+  lines = [title, "", "Usage:", commands.rstrip(), "", "Modes (--mode):"]
+  lines += [f"  {name:<9} {text}" for name, text in MODES.items()]
+  lines += ["", "Config files (--config=<file>:method=<m>[,tiny]; any field can be overridden "
+            "with --config.<field>=<value>):"]
+  configs = config_files()
+  width = max([len(p) for p, _ in configs] + [0])
+  lines += [f"  {p:<{width}}  {doc}" for p, doc in configs] or ["  (none found in ./configs)"]
+  lines += ["", "Flags:"]
+  for name in _OWN_FLAGS:
+    flag = FLAGS[name]
+    default = "" if flag.default in (None, "") else f" (default: {flag.default})"
+    lines.append(f"  --{name}: {flag.help}{default}")
+  lines += ["", "Run `python -m dfkd_jax.report <run folders>` to compare finished runs."]
+  return "\n".join(lines)
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+
+
+def _check_flags(argv) -> None:
+  """Raises UsageError for flags that do not fit the mode."""
+  mode = FLAGS.mode
+  given = {name for name in _OWN_FLAGS if FLAGS[name].present}
+  if mode == "train":
+    missing = [f"--{n}" for n in ("config", "workdir") if n not in given]
+    if missing:
+      raise UsageError(f"--mode=train needs {' and '.join(missing)} (e.g. --config=configs/"
+                       "fashion_mnist_lenet5.py:method=teacher --workdir=runs/teacher); "
+                       "see --help.")
+  wrong = sorted(given - {"mode", *_MODE_FLAGS[mode]})
+  if wrong:
+    raise UsageError(f"--{', --'.join(wrong)} not used by --mode={mode}; see --help.")
+  if mode == "evaluate" and not FLAGS.model_dir:
+    raise UsageError("--mode=evaluate needs --model_dir=<run folder with model.msgpack and "
+                     "model.json>.")
+  if mode != "condense" and len(argv) > 1:
+    raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def evaluate(model_dir: str, teacher_dir: str | None = None, dataset: str | None = None,
+             split: str | None = None, data_dir: str | None = None, limit: int = 0) -> dict:
+  """Accuracy (%) of the model saved in `model_dir` (and agreement with `teacher_dir`'s).
+
+  Returns:
+    {"accuracy", "agreement" (None without a teacher), "num_examples", "dataset", "split",
+     "model", "teacher"}.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dfkd_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from dfkd_jax import model_io  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
+  _, model, meta = model_io.load_model(model_dir, role="model",
+                                       hint="Pass the folder of a finished run.")
+  dataset = dataset or meta.get("dataset")
+  if not dataset:
+    raise ValueError(f"{model_dir}/{model_io.META} names no dataset: pass --dataset.")
+  info = datasets.get_info(dataset)
+  if meta["num_classes"] != info.num_classes or meta["input_shape"][-1] != info.channels:
+    raise ValueError(f"The model at {model_dir!r} ({meta['num_classes']} classes, "
+                     f"{meta['input_shape'][-1]} channels) does not fit {dataset!r} "
+                     f"({info.num_classes} classes, {info.channels} channels).")
+  teacher = teacher_meta = None
+  if teacher_dir:
+    _, teacher, teacher_meta = model_io.load_model(
+        teacher_dir, role="teacher", expect_classes=meta["num_classes"],
+        expect_channels=meta["input_shape"][-1])
+    if list(teacher_meta["input_shape"]) != list(meta["input_shape"]):
+      raise ValueError(f"The teacher expects inputs {tuple(teacher_meta['input_shape'])}, the "
+                       f"model {tuple(meta['input_shape'])}.")
+  size = meta["input_shape"][0]
+  split = split or info.test_split
+  x, y = datasets.load_split(dataset, split, data_dir or None,
+                             size if size != info.image_size else None, limit=limit or None)
+  ev = evaluation.evaluate(model.apply_fn, model.variables, jnp.asarray(x), jnp.asarray(y),
+                           teacher=teacher)
+  return {"accuracy": ev["accuracy"], "agreement": ev.get("agreement"),
+          "num_examples": int(x.shape[0]), "dataset": dataset, "split": split,
+          "model": meta["model"], "teacher": teacher_meta["model"] if teacher_meta else None}
+
+
+def _evaluate() -> None:
+  r = evaluate(FLAGS.model_dir, FLAGS.teacher_dir, FLAGS.dataset, FLAGS.split, FLAGS.data_dir,
+               FLAGS.limit)
+  print(f"{r['model']} ({FLAGS.model_dir}) on {r['dataset']} {r['split']}, "
+        f"{r['num_examples']} examples")
+  print(f"accuracy: {r['accuracy']:.2f}%")
+  if r["agreement"] is not None:
+    print(f"teacher agreement: {r['agreement']:.2f}% ({r['teacher']}, {FLAGS.teacher_dir})")
+
+
+def _condense(args) -> int:
+  try:
+    from dfkd_jax import condense  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise RuntimeError(f"--mode=condense needs dfkd_jax.condense, which is not available: {e}")
+  return int(condense.main(list(args)) or 0)
 
 
 def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  from dfkd_jax import train  # pylint: disable=g-import-not-at-top
   try:
+    _check_flags(argv)
+    if FLAGS.mode == "condense":
+      sys.exit(_condense(argv[1:]))
+    if FLAGS.mode == "evaluate":
+      _evaluate()
+      return
+    from dfkd_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     if os.environ.get("DFKD_DEBUG"):
       raise
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -41,7 +210,11 @@ def _parse_flags(argv):
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     if any(ln.startswith("Traceback") for ln in lines):  # config file raised: keep its message
       lines = [lines[0], lines[-1]]
-    print("error: " + " ".join(lines), file=sys.stderr)
+    hint = ""
+    if "Unknown command line flag" in str(e) and any(a.startswith("--mode=condense")
+                                                     for a in argv):
+      hint = " (the arguments of --mode=condense go after `--`)"
+    print("error: " + " ".join(lines) + hint, file=sys.stderr)
   except AttributeError as e:  # ml_collections: the override names no field of the config
     bad = [a for a in argv[1:] if a.startswith("--config.")]
     print(f"error: unknown config field {e} (in {' '.join(bad)}); see the config file for the "
@@ -52,7 +225,11 @@ def _parse_flags(argv):
 
 
 def run():
-  flags.mark_flags_as_required(["config", "workdir"])
+  argv = sys.argv[1:]
+  ours = argv[:argv.index("--")] if "--" in argv else argv
+  if any(a in _HELP_FLAGS for a in ours):
+    print(usage())
+    sys.exit(0)
   app.run(_main, flags_parser=_parse_flags)
 
 

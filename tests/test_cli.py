@@ -1,0 +1,165 @@
+"""`python -m dfkd_jax.main`: --help, the modes (train / evaluate / condense) and their errors.
+
+(Config-override errors of mode=train are tested in test_configs.py.)
+"""
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+import helpers
+from dfkd_jax import model_io
+from dfkd_jax import train
+
+MAIN = "dfkd_jax.main"
+TINY_TEACHER = os.path.join(helpers.REPO_ROOT, helpers.TEACHER_CONFIG) + ":method=teacher,tiny"
+
+
+def _run_in(cwd, *args):
+  return subprocess.run(helpers.cli_command(MAIN, *args), cwd=cwd, env=helpers.cli_env(),
+                        capture_output=True, text=True, timeout=120, check=False)
+
+
+def _one_line_error(proc, *fragments):
+  """Exit status 2 and exactly one `error:` line on stderr holding `fragments`, no traceback."""
+  assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+  assert "Traceback" not in proc.stderr
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+  return lines[0]
+
+
+def _files(folder):
+  return {p: os.path.getmtime(p) for p in (str(q) for q in folder.rglob("*"))}
+
+
+# ------------------------------------------------------------------------------------- --help
+
+
+def test_help_lists_modes_and_config_files():
+  proc = helpers.run_cli(MAIN, "--help", timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  modes = out.split("Modes (--mode):")[1].split("\n\n")[0]
+  for mode in ("train", "evaluate", "condense"):
+    assert re.search(rf"^  {mode} ", modes, re.M), (mode, modes)
+  configs = helpers.config_files()
+  assert configs
+  for path in configs:
+    with open(path, encoding="utf-8") as f:
+      first_line = re.match(r'\s*r?"""(.*)', f.read()).group(1).strip()
+    line = next(ln for ln in out.splitlines() if os.path.basename(path) in ln)
+    assert first_line and first_line in line, (first_line, line)
+  assert "common.py" not in out
+  for flag in ("--mode", "--config", "--workdir", "--model_dir", "--teacher_dir", "--dataset",
+               "--split", "--data_dir", "--limit"):
+    assert f"  {flag}:" in out, flag
+
+
+def test_help_works_from_another_directory(tmp_path):
+  proc = _run_in(tmp_path, "-h")
+  assert proc.returncode == 0, proc.stderr
+  assert "fashion_mnist_lenet5.py" in proc.stdout  # the repository's configs/, by absolute path
+
+
+# ------------------------------------------------------------------------------ usage errors
+
+
+@pytest.mark.parametrize("args,fragments", [
+    ((), ("--mode=train needs --config and --workdir",)),
+    ((f"--config={TINY_TEACHER}",), ("needs --workdir",)),
+    (("--mode=evaluate",), ("--mode=evaluate needs --model_dir",)),
+    (("--mode=evaluate", "--model_dir=x", "--workdir=y"), ("--workdir", "not used by",
+                                                            "--mode=evaluate")),
+    (("--mode=train", f"--config={TINY_TEACHER}", "--workdir=y", "--limit=5"),
+     ("--limit", "not used by --mode=train")),
+    (("--mode=bogus",), ("train", "evaluate", "condense")),
+    (("--mode=condense", "--ipc", "3"), ("ipc", "after `--`")),
+    (("--mode=evaluate", "--model_dir=x", "stray"), ("unexpected arguments: stray",)),
+])
+def test_usage_errors_are_one_line(args, fragments, tmp_path):
+  proc = _run_in(tmp_path, *args)
+  _one_line_error(proc, *fragments)
+  assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_evaluate_missing_model_is_one_line_error(tmp_path):
+  proc = helpers.run_cli(MAIN, "--mode=evaluate", f"--model_dir={tmp_path / 'nothing'}")
+  _one_line_error(proc, "No model checkpoint", "nothing")
+
+
+# ---------------------------------------------------------------------------- mode=evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+  """A tiny trained LeNet-5 teacher (8 steps; evaluated on the first 512 test images)."""
+  helpers.require_fashion_mnist()
+  workdir = tmp_path_factory.mktemp("cli_teacher")
+  summary = train.train_and_evaluate(helpers.tiny_teacher_config(), str(workdir))
+  return workdir, summary
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_run_accuracy_and_writes_nothing(tiny_teacher):
+  workdir, summary = tiny_teacher
+  before = _files(workdir)
+  proc = helpers.run_cli(MAIN, "--mode=evaluate", f"--model_dir={workdir}",
+                         f"--teacher_dir={workdir}", "--limit=512")
+  assert proc.returncode == 0, proc.stderr
+  assert f"accuracy: {summary['test_accuracy']:.2f}%" in proc.stdout
+  assert "teacher agreement: 100.00%" in proc.stdout  # the teacher agrees with itself
+  assert "fashion_mnist test, 512 examples" in proc.stdout
+  assert _files(workdir) == before
+
+
+@pytest.mark.slow
+def test_evaluate_other_split_and_mismatched_dataset(tiny_teacher):
+  workdir, _ = tiny_teacher
+  proc = helpers.run_cli(MAIN, "--mode=evaluate", f"--model_dir={workdir}", "--split=train",
+                         "--limit=100")
+  assert proc.returncode == 0, proc.stderr
+  assert re.search(r"fashion_mnist train, 100 examples\naccuracy: \d+\.\d\d%\n$", proc.stdout)
+  assert "teacher agreement" not in proc.stdout
+  proc = helpers.run_cli(MAIN, "--mode=evaluate", f"--model_dir={workdir}", "--dataset=cifar10")
+  _one_line_error(proc, "does not fit 'cifar10'")
+
+
+@pytest.mark.slow
+def test_evaluate_teacher_with_another_input_shape_is_rejected(tiny_teacher, tmp_path):
+  workdir, _ = tiny_teacher
+  other = tmp_path / "other"
+  other.mkdir()
+  for name in (model_io.WEIGHTS, model_io.META):
+    (other / name).write_bytes((workdir / name).read_bytes())
+  meta = json.loads((other / model_io.META).read_text())
+  meta["input_shape"] = [36, 36, 1]
+  (other / model_io.META).write_text(json.dumps(meta))
+  proc = helpers.run_cli(MAIN, "--mode=evaluate", f"--model_dir={workdir}",
+                         f"--teacher_dir={other}", "--limit=64")
+  _one_line_error(proc, "The teacher expects inputs (36, 36, 1)")
+
+
+# ---------------------------------------------------------------------------- mode=condense
+
+
+def test_condense_passes_the_arguments_after_double_dash():
+  proc = helpers.run_cli(MAIN, "--mode=condense", "--", "--help", timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "--ipc" in proc.stdout and "--kind" in proc.stdout  # dfkd_jax.condense's own help
+  proc = helpers.run_cli(MAIN, "--mode=condense", "--", "--kind", "bogus", timeout=120)
+  assert proc.returncode == 2 and "bogus" in proc.stderr
+
+
+@pytest.mark.slow
+def test_condense_fewshot_writes_the_set(tmp_path):
+  helpers.require_fashion_mnist()
+  out = tmp_path / "fewshot.npz"
+  proc = helpers.run_cli(MAIN, "--mode=condense", "--", "--kind", "fewshot", "--k", "2",
+                         "--pad_to", "32", "--train_limit", "512", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr
+  assert out.is_file() and (tmp_path / "fewshot.png").is_file()

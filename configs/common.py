@@ -228,3 +228,18 @@ def data_free_options(c: ml_collections.ConfigDict, args: ml_collections.ConfigD
   if c.guidance != "none":
     name = c.condensed.path.rsplit("/", 1)[-1].removesuffix(".npz")
     c.label += f" + {c.guidance} ({name})"
+
+
+def kd_condensed(c: ml_collections.ConfigDict, path: str) -> None:
+  """KD on a condensed set alone (the lower bound of guidance): `num_steps` student steps on
+  the tiled, DiffAugment-ed condensed images with the teacher's soft labels."""
+  if not path:
+    raise ValueError("method=kd_condensed needs a condensed set: add condensed=<file.npz> "
+                     "(make one with `python -m dfkd_jax.condense`).")
+  c.condensed = ml_collections.ConfigDict(dict(path=path))
+  c.augment = "diffaugment"
+  c.num_steps = 500
+  c.eval_every = 50
+  c.log_every = 50
+  name = path.rsplit("/", 1)[-1].removesuffix(".npz")
+  c.label = f"kd_condensed ({name})"

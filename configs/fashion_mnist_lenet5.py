@@ -40,6 +40,8 @@ def get_config(arg: str | None = None):
                                  schedule="cosine")
   c.log_every = 100
   c.teacher.workdir = args.teacher_workdir
+  if args.method == "kd_condensed":
+    common.kd_condensed(c, args.condensed)
   if args.method in common.DATA_FREE_METHODS:
     common.distill(c, args.method)
     _fashion_mnist_budget(c, args.method)

@@ -33,6 +33,8 @@ def get_config(arg: str | None = None):
   c.optimizer = common.optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                                  schedule="cosine")
   c.checkpoint_every = 200
+  if args.method == "kd_condensed":
+    common.kd_condensed(c, args.condensed)
   if args.method in common.DATA_FREE_METHODS:
     common.distill(c, args.method)
     c.distill.batch_size = 128

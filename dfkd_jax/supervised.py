@@ -2,7 +2,10 @@
 (trained from scratch on the labels, or by KD from the teacher on the real images).
 
 `config.method`: "teacher" trains `config.teacher.model`; "scratch" and "kd_real" train
-`config.student.model` (kd_real needs `config.teacher.workdir`). One jitted, donated step per
+`config.student.model` (kd_real needs `config.teacher.workdir`). "kd_condensed" is the lower
+bound of condensed-sample guidance (methods.md §8): KD from the teacher on the small condensed
+set `config.condensed.path` alone (tiled to fill a batch, DiffAugment-ed with
+`config.augment="diffaugment"`), the test split only for reporting. One jitted, donated step per
 iteration; the epoch permutation is drawn on device once per epoch; batches are gathered on
 device and sharded over the mesh's `data` axis.
 """
@@ -17,8 +20,11 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from dfkd_jax import augment as augment_lib
 from dfkd_jax import checkpointing
+from dfkd_jax import condensed as condensed_lib
 from dfkd_jax import evaluation
 from dfkd_jax import logging_utils
 from dfkd_jax import losses
@@ -29,7 +35,8 @@ from dfkd_jax import parallel
 from dfkd_jax import state as state_lib
 from dfkd_jax.data import datasets
 
-SUPERVISED_METHODS = ("teacher", "scratch", "kd_real")
+SUPERVISED_METHODS = ("teacher", "scratch", "kd_real", "kd_condensed")
+KD_METHODS = ("kd_real", "kd_condensed")
 
 
 class SupervisedState(struct.PyTreeNode):
@@ -40,11 +47,14 @@ class SupervisedState(struct.PyTreeNode):
 
 
 def augment_batch(key, x, kind: str):
-  """'none' or 'crop_flip': random 4-pixel-padded crop and horizontal flip, per sample."""
+  """'none'; 'crop_flip': random 4-pixel-padded crop and horizontal flip, per sample;
+  'diffaugment': DiffAugment (color, translation, cutout)."""
   if kind == "none":
     return x
+  if kind == "diffaugment":
+    return augment_lib.diff_augment(key, x)
   if kind != "crop_flip":
-    raise ValueError(f"Unknown augment {kind!r}; valid: none, crop_flip.")
+    raise ValueError(f"Unknown augment {kind!r}; valid: none, crop_flip, diffaugment.")
   b, h, w, _ = x.shape
   k1, k2 = jax.random.split(key)
   pad = 4
@@ -59,7 +69,7 @@ def augment_batch(key, x, kind: str):
 def make_train_step(config, mesh, steps_per_epoch: int):
   """Returns step(state, images, labels, perm) -> (state, metrics): one SGD step."""
   batch_size = config.batch_size
-  kd = config.method == "kd_real"
+  kd = config.method in KD_METHODS
   temperature = config.kd.temperature
   alpha = config.kd.alpha
 
@@ -110,6 +120,11 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          limit=config.train_limit or None)
   x_test, y_test = datasets.load_split(config.dataset, info.test_split, data_dir,
                                        config.pad_to or None, limit=config.test_limit or None)
+  if config.method == "kd_condensed":
+    x_train, y_train, _ = condensed_lib.load_condensed(
+        config.condensed.path, image_shape=x_test.shape[1:], num_classes=info.num_classes)
+    reps = -(-config.batch_size // x_train.shape[0])  # tile a tiny set up to one batch
+    x_train, y_train = np.tile(x_train, (reps, 1, 1, 1)), np.tile(y_train, reps)
   n = x_train.shape[0]
   if n < config.batch_size:
     raise ValueError(f"batch_size={config.batch_size} exceeds the {n} training examples.")
@@ -125,7 +140,7 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optim.make_optimizer(config.optimizer, total_steps)
   teacher = None
   teacher_meta = None
-  if config.method == "kd_real":
+  if config.method in KD_METHODS:
     _, teacher, teacher_meta = model_io.load_model(
         config.teacher.workdir, role="teacher", expect_model=config.teacher.model,
         expect_classes=info.num_classes, expect_channels=x_train.shape[-1],
@@ -196,7 +211,8 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
   final = ev if (ev is not None and history["eval_steps"][-1] == step) else evaluation.evaluate(
       state.model.apply_fn, state.model.variables, test_images, test_labels, teacher=teacher)
   summary = {
-      "method": config.method, "model": name, "dataset": config.dataset, "steps": step,
+      "method": config.method, "label": config.get("label", config.method), "model": name,
+      "dataset": config.dataset, "steps": step,
       "test_accuracy": final["accuracy"], **evaluation.robustness(history["accuracy"]),
       "accuracy_series": history["accuracy"], "eval_steps": history["eval_steps"],
       "train_seconds": history["train_seconds"], "compile_seconds": t_compile,

@@ -180,6 +180,65 @@ def test_resume_after_sigkill_is_exact(teacher_dir, tmp_path):
   assert metas[0]["sha256"] == metas[1]["sha256"]
 
 
+def test_mb_dfkd_resume_with_a_partly_filled_bank_is_exact(teacher_dir, tmp_path):
+  """An MB-DFKD run resumed from iteration 2 (bank: 1 of 3 slots filled) ends exactly as the
+  uninterrupted run: the bank, its cursor and count are checkpointed with the state."""
+
+  def config():
+    c = get_config(f"method=mb_dfkd,tiny,teacher_workdir={teacher_dir}")
+    c.mb_dfkd.update(dict(slots=3, push_every=2))
+    c.distill.update(dict(num_iters=6, checkpoint_every=2, eval_every=2))
+    c.max_to_keep = 5
+    return c
+
+  ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+  ref = train.train_and_evaluate(config(), ref_dir)
+  shutil.copytree(ref_dir, cut_dir)
+  ckpts = os.path.join(cut_dir, "checkpoints")
+  for step in checkpointing.Checkpointer(ckpts).all_steps():
+    if step > 2:  # as if killed just after the checkpoint of iteration 2
+      shutil.rmtree(os.path.join(ckpts, str(step)))
+  for name in ("summary.json", model_io.META, model_io.WEIGHTS):
+    os.remove(os.path.join(cut_dir, name))
+  cut = train.train_and_evaluate(config(), cut_dir)
+  assert ref["replay_bytes"] == cut["replay_bytes"] == 3 * 8 * 32 * 32 * 4
+  assert ref["accuracy_series"] == cut["accuracy_series"]
+  with open(os.path.join(ref_dir, model_io.META), encoding="utf-8") as f:
+    ref_sha = json.load(f)["sha256"]
+  with open(os.path.join(cut_dir, model_io.META), encoding="utf-8") as f:
+    assert json.load(f)["sha256"] == ref_sha
+
+
+def _condensed_set(tmp_path):
+  """A few-shot set (2 real training images per class) in the teacher's input space."""
+  from dfkd_jax import condensed  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  x, y = datasets.load_split("fashion_mnist", "train", None, 32, limit=512)
+  idx = np.concatenate([np.flatnonzero(y == k)[:2] for k in range(10)])
+  path = str(tmp_path / "fewshot.npz")
+  condensed.save_condensed(path, x[idx], y[idx], {"kind": "fewshot", "num_classes": 10})
+  return path
+
+
+@pytest.mark.parametrize("mode", ["condensed", "naive"])
+def test_tiny_guided_run_end_to_end(teacher_dir, tmp_path, mode):
+  path = _condensed_set(tmp_path)
+  config = get_config(f"method=dfad,tiny,teacher_workdir={teacher_dir},guidance={mode},"
+                      f"condensed={path}")
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["guidance"] == mode and summary["condensed"] == path
+  assert summary["label"] == f"dfad + {mode} (fewshot)"
+  assert math.isfinite(summary["final"]) and summary["iterations"] == config.distill.num_iters
+
+
+def test_kd_on_the_condensed_set_alone(teacher_dir, tmp_path):
+  path = _condensed_set(tmp_path)
+  config = get_config(f"method=kd_condensed,tiny,teacher_workdir={teacher_dir},condensed={path}")
+  summary = train.train_and_evaluate(config, str(tmp_path / "kdc"))
+  assert summary["method"] == "kd_condensed" and summary["label"] == "kd_condensed (fewshot)"
+  assert 0 <= summary["test_accuracy"] <= 100 and "teacher_agreement" in summary
+
+
 # --------------------------------------------------------------- NaN guard
 
 

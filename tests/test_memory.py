@@ -95,3 +95,64 @@ def test_push_exactly_capacity():
   # Slots 2, 0, 1 receive 7, 8, 9; the cursor comes back to 2.
   assert _ids(pool.images) == [8, 9, 7]
   assert int(pool.cursor) == 2 and int(pool.count) == 3
+
+
+# ----------------------------------------------------------------------------- memory bank
+
+
+def _batch(value, n=4):
+  """A batch of n images; image i of the batch holds value + i / 100 (slot order visible)."""
+  return jnp.stack([jnp.full(SHAPE, value + i / 100, jnp.float32) for i in range(n)])
+
+
+def _slot_ids(bank):
+  return np.round(np.asarray(bank.images)[:, 0, 0, 0, 0], 2).tolist()
+
+
+def test_bank_push_wraps_around_oldest_first():
+  bank = memory.bank_init(3, 2, SHAPE)
+  assert bank.slots == 3 and bank.slot_size == 2 and int(bank.count) == 0
+  push = jax.jit(memory.bank_push)
+  for v in (1, 2, 3, 4, 5):
+    bank = push(bank, _batch(v))
+  # Slots hold pushes 4, 5, 3: the 4th and 5th overwrote the two oldest (1, 2).
+  assert _slot_ids(bank) == [4, 5, 3]
+  assert int(bank.cursor) == 2 and int(bank.count) == 3
+  # A slot stores the FIRST slot_size images of the pushed batch, in order.
+  np.testing.assert_allclose(np.asarray(bank.images)[0, :, 0, 0, 0], [4.0, 4.01])
+  assert bank.nbytes == 3 * 2 * 4 * 4
+
+
+def test_bank_samples_only_filled_slots_and_flags_empty():
+  bank = memory.bank_init(5, 2, SHAPE)
+  x, valid = memory.bank_sample(bank, jax.random.key(0))
+  assert not bool(valid) and x.shape == (2, *SHAPE) and not np.any(np.asarray(x))
+  bank = memory.bank_push(memory.bank_push(bank, _batch(7)), _batch(8))
+  sample = jax.jit(memory.bank_sample)
+  seen = set()
+  for i in range(60):
+    x, valid = sample(bank, jax.random.key(i))
+    assert bool(valid)
+    seen.add(round(float(x[0, 0, 0, 0]), 2))
+  assert seen == {7.0, 8.0}  # both filled slots, never an empty one
+
+
+def test_bank_rejects_bad_pushes():
+  bank = memory.bank_init(2, 4, SHAPE)
+  with pytest.raises(ValueError, match="slot of 4 images from a batch of 3"):
+    memory.bank_push(bank, _batch(1, n=3))
+  with pytest.raises(ValueError, match="do not fit"):
+    memory.bank_push(bank, jnp.zeros((4, 3, 3, 1)))
+  with pytest.raises(ValueError, match="slots >= 1"):
+    memory.bank_init(0, 4, SHAPE)
+
+
+@pytest.mark.multidevice
+def test_bank_push_keeps_slot_axis_sharded_like_a_batch():
+  from dfkd_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(8)
+  bank = memory.bank_init(2, 8, SHAPE)
+  bank = bank.replace(images=jax.device_put(bank.images, memory.bank_sharding(mesh)))
+  bank = jax.jit(lambda b, x: memory.bank_push(b, x, mesh))(bank, _batch(3, n=8))
+  assert bank.images.sharding.is_equivalent_to(memory.bank_sharding(mesh), 5)
+  assert {s.data.shape for s in bank.images.addressable_shards} == {(2, 1, *SHAPE)}

@@ -22,7 +22,7 @@ def check_method(name: str) -> None:
   """Raises a ValueError listing the valid methods unless `name` is a data-free method."""
   if name not in METHODS:
     raise ValueError(f"Unknown method {name!r}. Valid data-free methods: "
-                     f"{', '.join(sorted(METHODS))} (and teacher, scratch, kd_real for "
+                     f"{', '.join(sorted(METHODS))} (and teacher, scratch, kd_real, kd_condensed for "
                      "supervised runs).")
 
 

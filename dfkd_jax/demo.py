@@ -16,7 +16,7 @@ import time
 
 from dfkd_jax import report
 
-DEFAULT_METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi")
+DEFAULT_METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi", "mb_dfkd", "pre_dfkd")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "fashion_mnist_lenet5.py")
 

@@ -46,28 +46,31 @@ def budget(c) -> None:
 
 
 def plan(teacher: str, condensed_dir: str, seeds, only):
-  """(group, run name, config arg) triples: every group's first seed first, then the others."""
+  """(group, run name, config arg) triples, in priority order: every group's first seed, then
+  the other seeds of the headline groups (hosts, guidance at IPC 10), then the rest."""
   groups = [("base", "none", None), ("condensed_ipc10", "condensed", "ipc10"),
             ("naive_ipc10", "naive", "ipc10"), ("kd_condensed", None, None),
             ("condensed_ipc1", "condensed", "ipc1"),
             ("condensed_fewshot10", "condensed", "fewshot10"),
             ("naive_fewshot10", "naive", "fewshot10")]
+  order = [(seeds[0], g) for g in groups]
+  order += [(seed, g) for seed in seeds[1:] for g in groups[:2]]
+  order += [(seed, g) for seed in seeds[1:] for g in groups[2:]]
   runs = []
-  for seed in seeds:
-    for group, mode, s in groups:
-      if group == "kd_condensed":
-        for name, f in SETS.items():
-          runs.append((group, f"kd_condensed_{name}/seed{seed}",
-                       f"method=kd_condensed,seed={seed},"
-                       f"condensed={os.path.join(condensed_dir, f)}"))
-        continue
-      for host in HOSTS:
-        if mode == "none":
-          runs.append((group, f"{host}/seed{seed}", f"method={host},seed={seed}"))
-        else:
-          path = os.path.join(condensed_dir, SETS[s])
-          runs.append((group, f"{host}+{mode}_{s}/seed{seed}",
-                       f"method={host},seed={seed},guidance={mode},condensed={path}"))
+  for seed, (group, mode, s) in order:
+    if group == "kd_condensed":
+      for name, f in SETS.items():
+        runs.append((group, f"kd_condensed_{name}/seed{seed}",
+                     f"method=kd_condensed,seed={seed},"
+                     f"condensed={os.path.join(condensed_dir, f)}"))
+      continue
+    for host in HOSTS:
+      if mode == "none":
+        runs.append((group, f"{host}/seed{seed}", f"method={host},seed={seed}"))
+      else:
+        path = os.path.join(condensed_dir, SETS[s])
+        runs.append((group, f"{host}+{mode}_{s}/seed{seed}",
+                     f"method={host},seed={seed},guidance={mode},condensed={path}"))
   runs = [(g, n, f"{a},teacher_workdir={teacher}") for g, n, a in runs]
   return [r for r in runs if not only or r[0] in only]
 

@@ -13,10 +13,20 @@ Upper bounds for the student (real data):
 Data-free (the teacher is read from teacher_workdir, default runs/fashion_mnist_lenet5/teacher):
   python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=dafl \
       --workdir=runs/fashion_mnist_lenet5/dafl
-  (method = dafl | dfad | zskt | deepinversion | adi)
+  (method = dafl | dfad | zskt | deepinversion | adi | mb_dfkd | pre_dfkd)
+Condensed-sample guidance on any data-free method, and its two baselines (make the set first
+with `python -m dfkd_jax.condense --kind dm --ipc 10 --pad_to 32 --out <file>`):
+  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=pre_dfkd,guidance=condensed,condensed=runs/condensed/fmnist_dm_ipc10.npz \
+      --workdir=runs/fashion_mnist_lenet5/pre_dfkd_guided
+  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=dfad,guidance=naive,condensed=runs/condensed/fmnist_dm_ipc10.npz \
+      --workdir=runs/fashion_mnist_lenet5/dfad_naive
+  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=kd_condensed,condensed=runs/condensed/fmnist_dm_ipc10.npz \
+      --workdir=runs/fashion_mnist_lenet5/kd_condensed
 
-Argument keys: method (teacher|scratch|kd_real|<data-free method>), teacher_workdir, tiny (a
-few steps on a slice of the data, for tests and notebooks).
+Argument keys: method (teacher|scratch|kd_real|kd_condensed|<data-free method>),
+teacher_workdir, tiny (a few steps on a slice of the data, for tests and notebooks), seed,
+guidance (none|condensed|naive), condensed (.npz path), faithful (PRE-DFKD/MB-DFKD official-code
+quirks instead of the corrected defaults).
 """
 import os
 import sys

@@ -22,8 +22,8 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 MODES = {
-    "train": "(default) run the config's method: teacher, scratch, kd_real (real data) or a "
-             "data-free one",
+    "train": "(default) run the config's method: teacher, scratch, kd_real (real data), "
+             "kd_condensed or a data-free one",
     "evaluate": "accuracy of a saved model (--model_dir) and its agreement with a teacher "
                 "(--teacher_dir); writes nothing",
     "condense": "dfkd_jax.condense; its arguments follow `--` (see --mode=condense -- --help)",

@@ -53,9 +53,9 @@ def plan(teacher: str, condensed_dir: str, seeds, only):
             ("condensed_ipc1", "condensed", "ipc1"),
             ("condensed_fewshot10", "condensed", "fewshot10"),
             ("naive_fewshot10", "naive", "fewshot10")]
-  order = [(seeds[0], g) for g in groups]
+  order = [(seeds[0], g) for g in groups[:6]]
   order += [(seed, g) for seed in seeds[1:] for g in groups[:2]]
-  order += [(seed, g) for seed in seeds[1:] for g in groups[2:]]
+  order += [(seeds[0], groups[6])] + [(seed, g) for seed in seeds[1:] for g in groups[2:]]
   runs = []
   for seed, (group, mode, s) in order:
     if group == "kd_condensed":

@@ -158,16 +158,32 @@ def markdown_table(groups: dict[str, list[dict]]) -> str:
   return "\n".join(lines)
 
 
-def curve_band(runs: Sequence[dict]):
-  """Accuracy against iteration over the runs of one group.
+X_AXES = ("iteration", "images")
+
+
+def curve_band(runs: Sequence[dict], x: str = "iteration"):
+  """Accuracy against iteration (or synthetic images seen) over the runs of one group.
+
+  Args:
+    runs: the summaries of one group.
+    x: "iteration", or "images": iteration x `images_per_iteration` (the student's synthetic
+      images; runs without that key are left out), which puts methods with different inner
+      loops on one budget axis.
 
   Returns:
     (steps, mean, low, high) as numpy arrays over the sorted union of the runs' `eval_steps`
     (at each step, over the runs evaluated there), or None if no run has a series.
   """
+  if x not in X_AXES:
+    raise ValueError(f"Unknown x axis {x!r}; valid: {', '.join(X_AXES)}.")
   by_step: dict[int, list[float]] = {}
   for s in runs:
     steps, acc = s.get("eval_steps") or [], s.get("accuracy_series") or []
+    if x == "images":
+      scale = _number(s.get("images_per_iteration"))
+      if scale is None:
+        continue
+      steps = [t * scale for t in steps]
     for step, a in zip(steps, acc):
       if _number(a) is not None:
         by_step.setdefault(int(step), []).append(float(a))
@@ -179,7 +195,8 @@ def curve_band(runs: Sequence[dict]):
           np.asarray([np.min(v) for v in values]), np.asarray([np.max(v) for v in values]))
 
 
-def plot_groups(groups: dict[str, list[dict]], path: str | None = None, title: str = ""):
+def plot_groups(groups: dict[str, list[dict]], path: str | None = None, title: str = "",
+                x: str = "iteration"):
   """Test accuracy against iteration, one line per group (mean over seeds, min-max shaded).
 
   Uses a bare matplotlib `Figure` (no pyplot state, any backend), so notebooks can show the
@@ -189,6 +206,7 @@ def plot_groups(groups: dict[str, list[dict]], path: str | None = None, title: s
     groups: from `group_runs`.
     path: PNG to write (optional).
     title: plot title.
+    x: "iteration" or "images" (see `curve_band`).
 
   Returns:
     The matplotlib Figure.
@@ -198,7 +216,7 @@ def plot_groups(groups: dict[str, list[dict]], path: str | None = None, title: s
   ax = fig.subplots()
   plotted = 0
   for label, runs in groups.items():
-    band = curve_band(runs)
+    band = curve_band(runs, x)
     if band is None:
       continue
     steps, mean, low, high = band
@@ -210,7 +228,7 @@ def plot_groups(groups: dict[str, list[dict]], path: str | None = None, title: s
   if not plotted:
     ax.text(0.5, 0.5, "no accuracy series in these runs", ha="center", va="center",
             transform=ax.transAxes)
-  ax.set_xlabel("iteration")
+  ax.set_xlabel("iteration" if x == "iteration" else "synthetic images seen by the student")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
   ax.grid(alpha=0.3)
@@ -235,6 +253,9 @@ def main(argv=None) -> int:
                       help="accuracy plot (default: report.png in the runs' common parent "
                            "folder; '' for none)")
   parser.add_argument("--title", default="", help="title of the table and the plot")
+  parser.add_argument("--x", default="iteration", choices=X_AXES,
+                      help="x axis of the plot: outer iteration, or synthetic images seen by "
+                           "the student (one budget axis for all methods)")
   args = parser.parse_args(argv)
   runs = load_runs(args.runs)
   if not runs:
@@ -258,7 +279,7 @@ def main(argv=None) -> int:
                                    for r in runs])
       out_png = os.path.relpath(os.path.join(parent, "report.png"))
     if out_png:
-      plot_groups(groups, out_png, title=args.title)
+      plot_groups(groups, out_png, title=args.title, x=args.x)
       print(f"Wrote {out_png}", file=sys.stderr)
   except OSError as e:
     print(f"error: {e}", file=sys.stderr)

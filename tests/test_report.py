@@ -168,3 +168,13 @@ def test_command_without_runs_is_a_one_line_error(tmp_path):
   assert len(errors) == 1 and "no summary.json" in errors[0]
   assert "Traceback" not in proc.stderr
   assert not list(tmp_path.rglob("*.png"))
+
+
+def test_curve_band_on_the_images_axis_scales_each_run_and_skips_runs_without_it():
+  runs = [{"eval_steps": [1, 2], "accuracy_series": [10.0, 20.0], "images_per_iteration": 640},
+          {"eval_steps": [5], "accuracy_series": [30.0]}]  # e.g. a supervised run
+  steps, mean, _, _ = report.curve_band(runs, x="images")
+  np.testing.assert_array_equal(steps, [640, 1280])
+  np.testing.assert_array_equal(mean, [10.0, 20.0])
+  with pytest.raises(ValueError, match="Unknown x axis"):
+    report.curve_band(runs, x="epochs")

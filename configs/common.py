@@ -155,8 +155,10 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
     # iteration; G = PRE-DFKD novel generator (spectral norm, U(-.08, .08) init), Adam 0.02;
     # S SGD 0.1 (cosine). MB-DFKD adds 10 bn_l2 (our choice of form and weight, methods.md §6)
     # and a bank of 10 slots x 128 images pushed every 5 "epochs" of 36 iterations.
+    # The official code detaches the teacher logits in the JS term (methods.md §7).
     c.loss = loss_block(oh=1.0, ie=5.0, act=0.1, adv=1.0, adv_type="js", adv_temperature=3.0,
-                        bn=10.0 if method == "mb_dfkd" else 0.0, kd="l1")
+                        adv_detach_teacher=True, bn=10.0 if method == "mb_dfkd" else 0.0,
+                        kd="l1")
     c.distill.batch_size = 1024
     c.distill.latent_dim = 1000
     c.distill.student_steps = 10

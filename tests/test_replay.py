@@ -212,3 +212,4 @@ def test_faithful_config_switches_the_official_quirks():
   assert (default.pre_dfkd.vae_bn_eps, default.generator.bn_eps) == (1e-5, 1e-5)
   assert not default.pre_dfkd.leak_z_grad_into_vae
   assert default.pre_dfkd.encoder_normalize == "none"
+  assert default.loss.adv_detach_teacher  # JS(student(x), sg(teacher(x))), as the official code

@@ -21,7 +21,12 @@ import compare_torch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-im
 ])
 def test_losses_match_torch(method):
   torch.set_num_threads(1)
-  rows = compare_torch.check_method(method)
+  # PRE-DFKD's memory samples come from the VAE decoder in eval mode, i.e. from BN running
+  # variances, which PyTorch updates with the unbiased batch variance and Flax with the biased
+  # one: a framework difference of ~1e-4 relative that the later iteration amplifies.
+  loose = method == "pre_dfkd"
+  rows = compare_torch.check_method(method, rtol=1e-3 if loose else 1e-4,
+                                    rtol_later=1e-2 if loose else 5e-3)
   assert {it for it, *_ in rows} == {0, 1}
   assert len(rows) >= 6
   bad = [f"iteration {it} {k}: jax {a:.7g} torch {b:.7g} (rtol {tol:g})"

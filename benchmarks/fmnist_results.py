@@ -111,7 +111,6 @@ def main(argv=None) -> int:
       budget(config)
     else:
       config.num_steps, config.eval_every = 300, 30
-    config.seed = int(arg.split("seed=")[1].split(",")[0]) if "seed=" in arg else 0
     train.train_and_evaluate(config, workdir)
   print(f"done in {time.time() - t0:.0f} s", flush=True)
   return 0

@@ -215,12 +215,12 @@ def tiny_distill(c: ml_collections.ConfigDict) -> None:
 
 # Config-file arguments shared by the data-free configs (`method=mb_dfkd,guidance=condensed,...`).
 DATA_FREE_ARGS = dict(guidance="none", condensed="", faithful=False, seed=0)
+# (`seed` applies to every method; the config files set c.seed from it.)
 
 
 def data_free_options(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
   """Applies the shared data-free arguments: guidance + condensed set, `faithful` (PRE-DFKD /
-  MB-DFKD official-code quirks), seed; and records a run label for reports."""
-  c.seed = args.seed
+  MB-DFKD official-code quirks); and records a run label for reports."""
   if args.faithful:
     faithful_pre_dfkd(c)
   guidance(c, args.guidance, args.condensed)

@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
                           teacher_workdir="runs/fashion_mnist_lenet5/teacher",
                           **common.DATA_FREE_ARGS)
   c = common.base(args.method)
+  c.seed = args.seed
   c.dataset = "fashion_mnist"
   c.pad_to = 32
   c.teacher.model = "lenet5_bn"

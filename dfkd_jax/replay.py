@@ -108,18 +108,20 @@ def memory_latent_loss(spec: VAEReplay, state, params, batch_stats, z, train: bo
   return loss, bs
 
 
-def infer_memory(spec: VAEReplay, state, key, train: bool):
+def infer_memory(spec: VAEReplay, state, key, train: bool, param_grads: bool = False):
   """Class-balanced memory-sample inference: z ~ N(0, I), one Adam step (fresh state) on L_z,
   then x_m = sg(G_m(z)).
 
-  Returns (x_m, grads of L_z w.r.t. the VAE parameters, the decoder's BN statistics after the
-  forward passes, L_z).
+  Returns (x_m, grads of L_z w.r.t. the VAE parameters (None unless `param_grads`), the
+  decoder's BN statistics after the forward passes, L_z).
   """
   vae = state.vae
   z = jax.random.normal(key, (spec.memory_batch, spec.latent_dim))
-  (lz, bs), (gz, gp) = jax.value_and_grad(
+  argnums = (0, 1) if param_grads else 0
+  (lz, bs), grads = jax.value_and_grad(
       lambda z_, p_: memory_latent_loss(spec, state, p_, vae.batch_stats, z_, train),
-      argnums=(0, 1), has_aux=True)(z, vae.params)
+      argnums=argnums, has_aux=True)(z, vae.params)
+  gz, gp = grads if param_grads else (grads, None)
   tx = optax.adam(spec.z_lr)
   updates, _ = tx.update(gz, tx.init(z), z)
   z = optax.apply_updates(z, updates)
@@ -147,7 +149,8 @@ def vae_update(spec: VAEReplay, state, key, x_novel):
   """
   vae = state.vae
   k_m, k_eps = jax.random.split(key)
-  x_m, leak, bs, lz = infer_memory(spec, state, k_m, train=True)
+  x_m, leak, bs, lz = infer_memory(spec, state, k_m, train=True,
+                                   param_grads=spec.leak_z_grad_into_vae)
   first = state.step == 0
   n, m = spec.vae_input, spec.memory_batch
   x_in = jnp.concatenate([x_novel[:n], jnp.where(first, x_novel[n:n + m], x_m)], 0)

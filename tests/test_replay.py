@@ -1,4 +1,6 @@
 """MB-DFKD's memory bank and PRE-DFKD's VAE replay (phase level, random tiny teacher, no data)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,7 +163,7 @@ def test_vae_update_and_the_leaked_latent_gradient(pre_setup, step):
   x = jax.random.normal(jax.random.key(4), (ctx.d.batch_size, *IMAGE_SHAPE))
   out = {}
   for leak in (False, True):
-    s = dataclass_replace(spec, leak)
+    s = dataclasses.replace(spec, leak_z_grad_into_vae=leak)
     new, m = jax.jit(lambda st, x_: replay.vae_update(s, st, jax.random.key(5), x_))(state, x)
     out[leak] = new.vae.params
     assert np.isfinite(float(m["loss"])) and float(m["pixel"]) > 0 and float(m["logit"]) > 0
@@ -170,11 +172,6 @@ def test_vae_update_and_the_leaked_latent_gradient(pre_setup, step):
   # The leak only touches G_m, and only after the first iteration (no inference there).
   assert tree_equal(out[False]["encoder"], out[True]["encoder"])
   assert tree_equal(out[False]["decoder"], out[True]["decoder"]) == (step == 0)
-
-
-def dataclass_replace(spec, leak):
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  return dataclasses.replace(spec, leak_z_grad_into_vae=leak)
 
 
 def tree_equal(a, b):

@@ -1,5 +1,7 @@
 """Model zoo: CIFAR/MNIST classifiers (via `get_model`) and image generators."""
 
+from dfkd_jax.models import conv
+from dfkd_jax.models.conv import set_conv_grads
 from dfkd_jax.models.generators import Generator
 from dfkd_jax.models.generators import upsample_nearest_2x
 from dfkd_jax.models.generators import ZSKTGenerator
@@ -10,6 +12,8 @@ __all__ = [
     "Generator",
     "MODELS",
     "ZSKTGenerator",
+    "conv",
     "get_model",
+    "set_conv_grads",
     "upsample_nearest_2x",
 ]

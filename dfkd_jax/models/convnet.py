@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfkd_jax.models import conv as conv_lib
+
 # PyTorch's default kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -63,7 +65,7 @@ class ConvNet(nn.Module):
     stages = []
     for i in range(self.depth):
       fan_in = 9 * x.shape[-1]
-      x = nn.Conv(self.width, (3, 3), padding="SAME", dtype=self.dtype,
+      x = conv_lib.Conv(self.width, (3, 3), padding="SAME", dtype=self.dtype,
                   kernel_init=torch_kernel_init, bias_init=torch_bias_init(fan_in),
                   name=f"conv{i + 1}")(x)
       x = nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, dtype=self.dtype,

@@ -60,6 +60,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfkd_jax.models import conv as conv_lib
+
 Initializer = Callable[..., jax.Array]
 
 INITS = ("default", "uniform008")
@@ -128,7 +130,7 @@ class _ConvBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Applies the 3x3 'SAME' conv; SN statistics update only if `train`."""
     kernel_init, bias_init = _layer_inits(self.weight_init, 9 * x.shape[-1])
-    conv = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype,
+    conv = conv_lib.Conv(self.features, (3, 3), padding=1, dtype=self.dtype,
                    kernel_init=kernel_init, bias_init=bias_init, name="conv")
     if self.spectral_norm:
       return nn.SpectralNorm(conv, n_steps=1, name="sn")(x, update_stats=train)

@@ -43,6 +43,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfkd_jax.models import conv as conv_lib
+
 ModuleDef = Callable[..., nn.Module]
 
 # Kaiming-normal, fan-out, ReLU gain: PyTorch `kaiming_normal_(mode="fan_out")`.
@@ -58,10 +60,10 @@ def make_conv_and_norm(dtype: Any, train: bool) -> tuple[ModuleDef, ModuleDef]:
       averages in `batch_stats`; otherwise it uses the running averages.
 
   Returns:
-    `(conv, norm)`: `functools.partial`s of `nn.Conv` and `nn.BatchNorm`.
+    `(conv, norm)`: `functools.partial`s of `conv_lib.Conv` and `nn.BatchNorm`.
   """
   conv = functools.partial(
-      nn.Conv, use_bias=False, dtype=dtype, kernel_init=conv_kernel_init)
+      conv_lib.Conv, use_bias=False, dtype=dtype, kernel_init=conv_kernel_init)
   norm = functools.partial(
       nn.BatchNorm, use_running_average=not train, momentum=0.9,
       epsilon=1e-5, dtype=dtype)

@@ -35,8 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax.models.generators import _layer_inits
+from dfkd_jax.models import conv as conv_lib
 from dfkd_jax.models.generators import Generator
+from dfkd_jax.models.generators import _layer_inits
 
 NORMALIZE = ("height", "none")
 
@@ -63,7 +64,7 @@ class Encoder(nn.Module):
 
     def conv(features, y, stride=1, name=None):
       k_init, b_init = _layer_inits(self.weight_init, 9 * y.shape[-1])
-      return nn.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
+      return conv_lib.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
                      kernel_init=k_init, bias_init=b_init, dtype=self.dtype, name=name)(y)
 
     x = nn.leaky_relu(norm(epsilon=self.bn_eps, name="bn1")(conv(64, x, name="conv1")), 0.2)

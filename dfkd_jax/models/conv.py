@@ -1,0 +1,225 @@
+"""Convolutions whose gradients stay fast inside `lax.scan` on XLA:CPU.
+
+Why. XLA:CPU runs a convolution as a fast Eigen/YNNPACK kernel only when it is
+in the canonical NHWC/HWIO layout. Its `ConvCanonicalization` pass rewrites
+other convolutions into that layout, but (measured on jaxlib 0.10.2) only in
+the entry computation: it does not visit while-loop bodies. The convolutions
+that JAX's autodiff emits for a conv's gradients are not canonical (the input
+gradient uses a flipped kernel in `01oi` order, the kernel gradient
+`f01b_i01o->01bf`), so inside a `lax.scan` (DeepInversion's pixel loop, the
+student/VAE repeats) they run as naive loop nests, 6-30x slower than the same
+gradients outside a loop (benchmarks/RESULTS.md, "conv gradients in loops").
+
+What. `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` with a
+custom VJP that, on CPU, writes both gradients as canonical NHWC/HWIO
+convolutions itself (explicit transposes around them, each behind a
+`lax.optimization_barrier` so that the algebraic simplifier cannot fold the
+transposes back into non-canonical dimension numbers). This is exactly the
+rewrite XLA applies outside loops, done by hand so that it also happens inside
+them. The choice is made per platform at lowering time with
+`lax.platform_dependent`: on GPU and TPU the VJP is JAX's own, unchanged.
+
+Scope. Only plain float32 NHWC/HWIO convolutions take this path (any strides
+and explicit or string padding; no dilation, no feature/batch groups, default
+precision); anything else (depthwise convs, bfloat16, other layouts) goes to
+`lax.conv_general_dilated` untouched. The input gradient of a convolution with
+at most `COL2IM_MAX_CHANNELS` input channels (image layers, LeNet-5-half's
+second conv), or whose output is smaller than its kernel (LeNet's third conv),
+is a matmul plus a col2im sum instead (faster than either convolution form for
+those shapes, measured in a scan: benchmarks/RESULTS.md §8). Forward-mode
+autodiff (`jax.jvp`, `jax.jacfwd`) is not defined for a custom-VJP function;
+the library never uses it, and `set_conv_grads("xla")` restores plain
+convolutions.
+
+Selecting. The environment variable `DFKD_CONV_GRADS` (read at import) or
+`set_conv_grads(mode)` (before tracing) picks the mode: "auto" (default: the
+canonical VJP on CPU, JAX's elsewhere), "canonical" (on every platform, for
+testing), or "xla" (plain `lax.conv_general_dilated`, no custom VJP).
+
+The models of this package (`lenet`, `resnet_cifar`, `mobilenetv2`,
+`generators`, `vae`, `convnet`) build their convolutions with `Conv`, i.e.
+`nn.Conv(..., conv_general_dilated=conv_general_dilated)`; parameters and
+numerics are those of `nn.Conv` (tests/test_conv.py).
+"""
+
+from collections.abc import Sequence
+import functools
+import os
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+MODES = ("auto", "canonical", "xla")
+COL2IM_MAX_CHANNELS = 3  # the input gradient as matmul + col2im up to this many input channels
+COL2IM_SMALL_OUTPUT = True  # ... and for outputs smaller than the kernel
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_ONES = (1, 1)
+
+_mode = "auto"
+
+
+def set_conv_grads(mode: str) -> None:
+  """Selects how convolution gradients are emitted (see the module docstring).
+
+  Takes effect for functions traced afterwards (a jitted function already
+  compiled keeps its mode).
+
+  Args:
+    mode: "auto", "canonical" or "xla".
+
+  Raises:
+    ValueError: for any other mode.
+  """
+  global _mode
+  if mode not in MODES:
+    raise ValueError(f"conv grads mode must be one of {MODES}, got {mode!r} "
+                     "(check the DFKD_CONV_GRADS environment variable).")
+  _mode = mode
+
+
+def get_conv_grads() -> str:
+  """The current mode: "auto", "canonical" or "xla"."""
+  return _mode
+
+
+def _nhwc_conv(x, w, strides, padding, **kwargs):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, **kwargs)
+
+
+def _dilated(size: int, factor: int) -> int:
+  return 0 if size == 0 else 1 + factor * (size - 1)
+
+
+def _grad_paddings(in_size, k_size, stride, out_size, pad):
+  """Per spatial dim: the paddings of the input-gradient and kernel-gradient
+  convolutions (JAX's own rules, `lax`'s conv VJP, for undilated convs)."""
+  lo = pad[0]
+  out_dilated = _dilated(out_size, stride)
+  dx_before = k_size - lo - 1
+  dx_after = in_size + k_size - 1 - out_dilated - dx_before
+  dw_after = out_dilated - in_size + k_size - lo - 1
+  return (dx_before, dx_after), (lo, dw_after)
+
+
+def _col2im_dx(w, dy, in_hw, strides, padding):
+  """The input gradient of a conv as a matmul + col2im.
+
+  `z = dy @ w^T` (a canonical dot: [B*Ho*Wo, Cout] x [Cout, KH*KW*Cin]) gives
+  every kernel tap's contribution; each tap's slice is scattered back to its
+  input positions (interior padding by the stride) and summed, all in one XLA
+  loop fusion. `z` is KH*KW times the input's size, so this is used only where
+  the convolution formulation is slow: few input channels (a convolution with
+  few output channels runs badly on XLA:CPU) or an output smaller than the
+  kernel (the convolution would mostly multiply padding zeros; LeNet's conv3).
+  """
+  kh, kw = w.shape[:2]
+  ho, wo = dy.shape[1:3]
+  z = jnp.einsum("bhwo,xyio->bhwxyi", dy, w)
+  full_h, full_w = (ho - 1) * strides[0] + kh, (wo - 1) * strides[1] + kw
+  zero = jnp.zeros((), z.dtype)
+  taps = [lax.pad(z[:, :, :, i, j, :], zero, ((0, 0, 0), (i, kh - 1 - i, strides[0] - 1),
+                                              (j, kw - 1 - j, strides[1] - 1), (0, 0, 0)))
+          for i in range(kh) for j in range(kw)]
+  # A reduction over the stacked taps, not a chain of adds: XLA:CPU fuses a chain of
+  # adds of pads into every consumer (recomputing all taps per use, e.g. four times in
+  # a max-pool gradient), but keeps a reduction as its own fusion.
+  full = jnp.sum(jnp.stack(taps), axis=0)
+  (lo_h, hi_h), (lo_w, hi_w) = padding
+  # `full` covers padded-input rows [0, full_h); rows beyond it (a stride that does
+  # not divide the padded size) get no gradient; then drop the padding.
+  full = lax.pad(full, zero,
+                 ((0, 0, 0), (0, in_hw[0] + lo_h + hi_h - full_h, 0),
+                  (0, in_hw[1] + lo_w + hi_w - full_w, 0), (0, 0, 0)))
+  return full[:, lo_h:lo_h + in_hw[0], lo_w:lo_w + in_hw[1], :]
+
+
+def _canonical_bwd(x, w, dy, strides, padding):
+  """(dx, dw) of an NHWC/HWIO conv as canonical NHWC/HWIO convolutions."""
+  bar = lax.optimization_barrier
+  pads = [_grad_paddings(x.shape[1 + i], w.shape[i], strides[i], dy.shape[1 + i], padding[i])
+          for i in range(2)]
+  dx_pad, dw_pad = [p[0] for p in pads], [p[1] for p in pads]
+  small_output = dy.shape[1] < w.shape[0] or dy.shape[2] < w.shape[1]
+  if x.shape[-1] <= COL2IM_MAX_CHANNELS or (COL2IM_SMALL_OUTPUT and small_output):
+    dx = _col2im_dx(w, dy, x.shape[1:3], strides, padding)
+  else:  # dy, dilated by the stride, correlated with the flipped, io-swapped kernel
+    wt = bar(jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2)))
+    dx = bar(_nhwc_conv(dy, wt, _ONES, dx_pad, lhs_dilation=strides))
+  # dW: x (channels as the batch, the batch as features) correlated with dy (dilated by the
+  # stride, the batch as input features).
+  xt = bar(jnp.transpose(x, (3, 1, 2, 0)))
+  dyt = bar(jnp.transpose(dy, (1, 2, 0, 3)))
+  dw = bar(_nhwc_conv(xt, dyt, _ONES, dw_pad, rhs_dilation=strides))
+  return dx.astype(x.dtype), jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
+
+
+def _xla_bwd(x, w, dy, strides, padding):
+  return jax.vjp(lambda x_, w_: _nhwc_conv(x_, w_, strides, padding), x, w)[1](dy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, padding, everywhere):
+  del everywhere
+  return _nhwc_conv(x, w, strides, padding)
+
+
+def _conv_fwd(x, w, strides, padding, everywhere):
+  return _conv(x, w, strides, padding, everywhere), (x, w)
+
+
+def _conv_bwd(strides, padding, everywhere, res, dy):
+  x, w = res
+  canonical = functools.partial(_canonical_bwd, strides=strides, padding=padding)
+  if everywhere:
+    return canonical(x, w, dy)
+  xla = functools.partial(_xla_bwd, strides=strides, padding=padding)
+  return lax.platform_dependent(x, w, dy, cpu=canonical, default=xla)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _is_nhwc(dimension_numbers, ndim: int) -> bool:
+  if dimension_numbers is None or ndim != 4:
+    return False
+  if all(isinstance(d, str) for d in dimension_numbers):
+    return tuple(dimension_numbers) == _NHWC
+  dn = dimension_numbers
+  return (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == (
+      (0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated` with loop-friendly gradients on CPU.
+
+  Same signature and forward result as `lax.conv_general_dilated`; plain
+  float32 NHWC/HWIO convolutions get the custom VJP described in the module
+  docstring, everything else is passed through.
+  """
+  plain = (_mode != "xla" and _is_nhwc(dimension_numbers, lhs.ndim)
+           and tuple(lhs_dilation or _ONES) == _ONES and tuple(rhs_dilation or _ONES) == _ONES
+           and feature_group_count == 1 and batch_group_count == 1
+           and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+           and precision is None and preferred_element_type is None)
+  if not plain:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+  strides = tuple(int(s) for s in window_strides)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv(lhs, rhs, strides, padding, _mode == "canonical")
+
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+Conv.__doc__ = "`flax.linen.Conv` with `conv_general_dilated` (CPU-fast gradients in loops)."
+
+set_conv_grads(os.environ.get("DFKD_CONV_GRADS", "auto"))

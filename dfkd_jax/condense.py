@@ -150,6 +150,7 @@ def make_dm_step(model, real_images, index_table, counts, n_real: int, *, lr: fl
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from dfkd_jax import augment  # pylint: disable=g-import-not-at-top
+  from dfkd_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
 
   augment.dsa_families(strategy)  # Validate early.
   embed = _embed_fn(model)
@@ -186,7 +187,7 @@ def make_dm_step(model, real_images, index_table, counts, n_real: int, *, lr: fl
     syn = syn - lr * velocity
     return (syn, velocity, key), loss
 
-  jitted = jax.jit(step, donate_argnums=0)
+  jitted = compile_lib.jit(step, donate_argnums=0)
   return lambda carry: jitted(carry, data)
 
 

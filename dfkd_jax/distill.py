@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from dfkd_jax import checkpointing
+from dfkd_jax import compile as compile_lib
 from dfkd_jax import condensed as condensed_lib
 from dfkd_jax import evaluation
 from dfkd_jax import logging_utils
@@ -88,7 +89,7 @@ def make_step(method, max_traces: int = 1):
     metrics["finite"] = _finite(metrics)
     return state.replace(step=state.step + 1), metrics
 
-  return jax.jit(chex.assert_max_traces(step, max_traces), donate_argnums=0)
+  return compile_lib.jit(chex.assert_max_traces(step, max_traces), donate_argnums=0)
 
 
 def _iteration_key(state):

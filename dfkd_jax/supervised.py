@@ -24,6 +24,7 @@ import numpy as np
 
 from dfkd_jax import augment as augment_lib
 from dfkd_jax import checkpointing
+from dfkd_jax import compile as compile_lib
 from dfkd_jax import condensed as condensed_lib
 from dfkd_jax import evaluation
 from dfkd_jax import logging_utils
@@ -166,8 +167,8 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # A run builds its own step; forget traces of earlier runs in this process (same source).
   chex.clear_trace_counter()
-  train_step = jax.jit(chex.assert_max_traces(make_train_step(config, mesh, steps_per_epoch), 1),
-                       donate_argnums=0)
+  train_step = compile_lib.jit(
+      chex.assert_max_traces(make_train_step(config, mesh, steps_per_epoch), 1), donate_argnums=0)
   perm_fn = jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n)
                     .astype(jnp.int32))
   logger = logging_utils.RunLogger(workdir, total_steps, name=config.method)

@@ -1,0 +1,64 @@
+"""`jit` with the XLA:CPU compiler options that make this library's steps fast.
+
+On CPU, jaxlib 0.10 hands convolutions to YNNPACK ("ynn_fusion" in profiles)
+by default. For the convolution shapes of these models YNNPACK reached 55-65
+GFLOP/s where XLA's Eigen convolutions reach 100-165 GFLOP/s on the same two
+cores (a generator conv, 128x32x32x64 -> 32, forward + both gradients: 260 ms
+vs 126-131 ms; benchmarks/RESULTS.md). `compiler_options()` therefore turns
+YNNPACK fusions off (the option's value is the empty list), per compilation:
+nothing global is changed, and other jitted code in the process is
+unaffected. Measured on whole steps (LeNet pair, batch 128): DAFL 0.364 s ->
+0.259 s, DeepInversion 0.501 s -> 0.460 s; keeping YNNPACK for single matrix
+products only (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) was in between.
+
+The options are used only when the default backend is CPU, and only if this
+jaxlib accepts them (checked once by compiling a tiny function; a jaxlib that
+renamed the option gets a warning and XLA's defaults). The environment
+variable `DFKD_XLA_CPU_YNN` overrides the value: `default` keeps XLA's own
+choice, any other value is passed as the option's value (an enum name such as
+`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`; unset: the empty string, no YNNPACK).
+
+Every jitted training step of the library (`distill.make_step`, the supervised
+trainer, dataset condensation) is built with `jit`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+import warnings
+
+import jax
+
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+YNN_VALUE = ""  # no YNNPACK fusions: XLA's own (Eigen) convolutions and dots
+
+
+@functools.cache
+def _supported(options: tuple[tuple[str, str], ...]) -> bool:
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.warn(f"dfkd_jax: XLA:CPU rejected the compiler options {dict(options)} ({e}); "
+                  "using XLA's defaults (convolutions may be about 2x slower). Set "
+                  "DFKD_XLA_CPU_YNN=default to silence this.", stacklevel=3)
+    return False
+
+
+def compiler_options() -> dict[str, Any] | None:
+  """The compiler options for a jitted step on the default backend (None: XLA's own)."""
+  if jax.default_backend() != "cpu":
+    return None
+  value = os.environ.get("DFKD_XLA_CPU_YNN", YNN_VALUE)
+  if value == "default":
+    return None
+  options = ((YNN_OPTION, value),)
+  return dict(options) if _supported(options) else None
+
+
+def jit(fun: Callable[..., Any], **kwargs) -> Callable[..., Any]:
+  """`jax.jit(fun, **kwargs)` with `compiler_options()` (unless given explicitly)."""
+  kwargs.setdefault("compiler_options", compiler_options())
+  return jax.jit(fun, **kwargs)

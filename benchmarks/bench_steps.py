@@ -1,12 +1,20 @@
 r"""Step throughput of every method and of supervised teacher training, on this machine.
 
   python benchmarks/bench_steps.py --pairs lenet,resnet --batch 256 [--methods dafl,dfad]
-  python benchmarks/bench_steps.py --supervised lenet5_bn,resnet18
+  python benchmarks/bench_steps.py --pairs lenet --methods dfad --batch 32,64,128,256
+  python benchmarks/bench_steps.py --devices 2 ...    # fake CPU devices (XLA_FLAGS)
+  python benchmarks/bench_steps.py --conv_grads xla ...  # JAX's own conv gradients
 
 Data-free steps use a randomly initialised teacher (speed does not depend on its weights).
 For each (pair, method): compile time of the first call, then the median wall time of
 `--repeats` timed outer iterations (after one warm-up), reported as iterations/s and student
 images/s. Prints a markdown table with the machine, date and command.
+
+`--batch` takes a comma-separated list (the global batch, sharded over the devices: scaling with
+batch size); `--devices N` runs on N fake XLA:CPU devices (it sets
+`--xla_force_host_platform_device_count` before JAX starts: scaling with devices, one process
+per device count); `--conv_grads` selects `dfkd_jax.models.conv`'s gradient mode (default
+auto: canonical-layout conv gradients on CPU; `xla`: JAX's own, the state before issue 6).
 """
 from __future__ import annotations
 
@@ -19,6 +27,19 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _early_devices(argv) -> None:
+  """`--devices N` must reach XLA before JAX initialises its backends."""
+  for i, arg in enumerate(argv):
+    value = arg.split("=", 1)[1] if arg.startswith("--devices=") else (
+        argv[i + 1] if arg == "--devices" and i + 1 < len(argv) else None)
+    if value is not None and int(value) > 1:
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 f" --xla_force_host_platform_device_count={int(value)}")
+
+
+_early_devices(sys.argv[1:])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -60,7 +81,7 @@ def time_method(pair: str, method: str, batch: int, repeats: int, ngf: int, di_i
   ctx, method_obj, _ = distill.build(config, mesh=mesh, teacher=teacher, image_shape=shape,
                                      num_classes=10)
   method_obj = distill.wrap_step(method_obj)
-  state = parallel.replicate(method_obj.init(jax.random.key(0)), mesh)
+  state = distill.place_state(method_obj.init(jax.random.key(0)), mesh)
   step = distill.make_step(method_obj)
   t0 = time.perf_counter()
   state, m = step(state)
@@ -88,7 +109,9 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--pairs", default="lenet,resnet")
   p.add_argument("--methods", default="dafl,dfad,zskt,deepinversion,adi")
-  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--batch", default="256", help="global batch size(s), comma-separated")
+  p.add_argument("--devices", type=int, default=1, help="fake XLA:CPU devices")
+  p.add_argument("--conv_grads", default="auto", choices=models.conv.MODES)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--ngf", type=int, default=32)
   p.add_argument("--di_iters", type=int, default=20)
@@ -96,20 +119,25 @@ def main():
                  help="override student steps per iteration (default: the method's)")
   p.add_argument("--unroll", action="store_true", help="unroll the inner student repeats")
   args = p.parse_args()
+  models.set_conv_grads(args.conv_grads)
+  if jax.device_count() != args.devices:
+    raise SystemExit(f"--devices {args.devices} but JAX sees {jax.device_count()} devices")
   import chex  # pylint: disable=g-import-not-at-top
   print(f"Machine: {machine()}; date {datetime.date.today()}; command: python "
         + " ".join(sys.argv), flush=True)
-  print("\n| pair | method | batch | student steps/it | inner | unroll | compile (s) | "
-        "median step (s) | it/s | student img/s |\n|---|---|---|---|---|---|---|---|---|---|",
-        flush=True)
+  print("\n| pair | method | batch | devices | conv grads | student steps/it | inner | unroll | "
+        "compile (s) | median step (s) | it/s | student img/s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
   for pair in args.pairs.split(","):
     for method in args.methods.split(","):
-      chex.clear_trace_counter()
-      r = time_method(pair, method, args.batch, args.repeats, args.ngf, args.di_iters,
-                      args.student_steps, args.unroll)
-      print(f"| {r['pair']} | {r['method']} | {r['batch']} | {r['student_steps']} | {r['inner']} "
-            f"| {args.unroll} | {r['compile_s']:.1f} | {r['median_s']:.3f} | {r['it_per_s']:.2f} | "
-            f"{r['student_img_per_s']:.0f} |", flush=True)
+      for batch in (int(b) for b in args.batch.split(",")):
+        chex.clear_trace_counter()
+        r = time_method(pair, method, batch, args.repeats, args.ngf, args.di_iters,
+                        args.student_steps, args.unroll)
+        print(f"| {r['pair']} | {r['method']} | {r['batch']} | {jax.device_count()} | "
+              f"{args.conv_grads} | {r['student_steps']} | {r['inner']} | {args.unroll} | "
+              f"{r['compile_s']:.1f} | {r['median_s']:.3f} | {r['it_per_s']:.2f} | "
+              f"{r['student_img_per_s']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

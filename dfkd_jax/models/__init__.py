@@ -1,7 +1,9 @@
 """Model zoo: CIFAR/MNIST classifiers (via `get_model`) and image generators."""
 
 from dfkd_jax.models import conv
+from dfkd_jax.models import norm
 from dfkd_jax.models.conv import set_conv_grads
+from dfkd_jax.models.norm import set_batch_norm
 from dfkd_jax.models.generators import Generator
 from dfkd_jax.models.generators import upsample_nearest_2x
 from dfkd_jax.models.generators import ZSKTGenerator
@@ -14,6 +16,8 @@ __all__ = [
     "ZSKTGenerator",
     "conv",
     "get_model",
+    "norm",
+    "set_batch_norm",
     "set_conv_grads",
     "upsample_nearest_2x",
 ]

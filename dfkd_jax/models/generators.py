@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax.models import conv as conv_lib
+from dfkd_jax.models import norm as norm_lib
 
 Initializer = Callable[..., jax.Array]
 
@@ -192,7 +193,7 @@ class Generator(nn.Module):
         unknown.
     """
     _check_img_size(self.img_size)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+    norm = functools.partial(norm_lib.BatchNorm, use_running_average=not train,
                              momentum=0.9, dtype=self.dtype)
     conv = functools.partial(_ConvBlock, weight_init=self.weight_init,
                              spectral_norm=self.spectral_norm,
@@ -210,7 +211,7 @@ class Generator(nn.Module):
     x = x.astype(jnp.float32)
     if self.final_tanh:
       x = jnp.tanh(x)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+    return norm_lib.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=1e-5, use_scale=False, use_bias=False,
                         dtype=jnp.float32, name="bn_out")(x)
 
@@ -243,7 +244,7 @@ class ZSKTGenerator(nn.Module):
         unknown.
     """
     _check_img_size(self.img_size)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+    norm = functools.partial(norm_lib.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=self.bn_eps,
                              dtype=self.dtype)
     init_size = max(1, round(10 * self.img_size / 32))
@@ -259,6 +260,6 @@ class ZSKTGenerator(nn.Module):
     x = conv(self.ngf, name="block2")(x, train)
     x = nn.leaky_relu(norm(name="bn2")(x), 0.2)
     x = conv(self.channels, name="block3")(x, train)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+    return norm_lib.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=self.bn_eps, use_scale=False, use_bias=False,
                         dtype=jnp.float32, name="bn_out")(x.astype(jnp.float32))

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax.models import conv as conv_lib
+from dfkd_jax.models import norm as norm_lib
 from dfkd_jax.models.resnet_cifar import conv_kernel_init
 
 MIN_SIZE = 32
@@ -123,7 +124,7 @@ class LeNet5(nn.Module):
         conv_lib.Conv, kernel_size=(5, 5), padding="VALID", use_bias=not self.use_bn,
         dtype=self.dtype, kernel_init=conv_kernel_init)
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9,
+        norm_lib.BatchNorm, use_running_average=not train, momentum=0.9,
         epsilon=1e-5, dtype=self.dtype)
 
     def maybe_norm(y: jax.Array, name: str) -> jax.Array:

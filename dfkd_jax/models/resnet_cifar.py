@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax.models import conv as conv_lib
+from dfkd_jax.models import norm as norm_lib
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -60,12 +61,12 @@ def make_conv_and_norm(dtype: Any, train: bool) -> tuple[ModuleDef, ModuleDef]:
       averages in `batch_stats`; otherwise it uses the running averages.
 
   Returns:
-    `(conv, norm)`: `functools.partial`s of `conv_lib.Conv` and `nn.BatchNorm`.
+    `(conv, norm)`: `functools.partial`s of `conv_lib.Conv` and `norm_lib.BatchNorm` (`nn.BatchNorm` with CPU-fast statistics).
   """
   conv = functools.partial(
       conv_lib.Conv, use_bias=False, dtype=dtype, kernel_init=conv_kernel_init)
   norm = functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=0.9,
+      norm_lib.BatchNorm, use_running_average=not train, momentum=0.9,
       epsilon=1e-5, dtype=dtype)
   return conv, norm
 

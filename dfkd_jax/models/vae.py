@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from dfkd_jax.models import conv as conv_lib
+from dfkd_jax.models import norm as norm_lib
 from dfkd_jax.models.generators import Generator
 from dfkd_jax.models.generators import _layer_inits
 
@@ -59,7 +60,7 @@ class Encoder(nn.Module):
       raise ValueError(f"The VAE encoder needs an image size divisible by 8, got {x.shape[1]}.")
     if self.normalize == "height":
       x = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+    norm = functools.partial(norm_lib.BatchNorm, use_running_average=not train, momentum=0.9,
                              dtype=self.dtype)
 
     def conv(features, y, stride=1, name=None):

@@ -13,7 +13,9 @@ adding one change to the previous one:
   2 +col2im     input gradients of few-channel / small-output convs as matmul + col2im
   3 +maxpool    LeNet's 2x2 max-pool with a saved-argmax gradient (`lenet.max_pool_2x2`)
   4 +roll       DeepInversion's jitter roll as permutation matmuls (`augment._roll_hw`)
-  5 +no-ynn     YNNPACK fusions off for the step (`dfkd_jax.compile`): the library as shipped
+  5 +no-ynn     YNNPACK fusions off for the step (`dfkd_jax.compile`)
+  6 +bn-dot     BatchNorm statistics and their gradients as matrix products
+                (`dfkd_jax.models.norm`): the library as shipped
 
 Every variant is traced and compiled under its own settings, then the compiled steps are timed
 round-robin (one iteration of each variant per round, `--repeats` rounds after one warm-up
@@ -45,12 +47,14 @@ from dfkd_jax import parallel  # noqa: E402
 from dfkd_jax import state as state_lib  # noqa: E402
 from dfkd_jax.models import conv as conv_lib  # noqa: E402
 from dfkd_jax.models import lenet  # noqa: E402
+from dfkd_jax.models import norm as norm_lib  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAIRS = {"lenet": ("fashion_mnist_lenet5.py", "lenet5_bn"),
          "resnet": ("fashion_mnist_resnet20.py", "resnet20")}
 SHAPE = (32, 32, 1)
-VARIANTS = ("0 before", "1 +canonical", "2 +col2im", "3 +maxpool", "4 +roll", "5 +no-ynn")
+VARIANTS = ("0 before", "1 +canonical", "2 +col2im", "3 +maxpool", "4 +roll", "5 +no-ynn",
+            "6 +bn-dot")
 _SHIPPED = {"pool": lenet.max_pool_2x2, "roll": augment._roll_hw,  # pylint: disable=protected-access
             "channels": conv_lib.COL2IM_MAX_CHANNELS}
 
@@ -65,8 +69,9 @@ def _jnp_roll(x, shift):
 
 @contextlib.contextmanager
 def variant_settings(index: int):
-  """Library settings of variant `index` (0-5) while a step is traced and compiled."""
+  """Library settings of variant `index` (0-6) while a step is traced and compiled."""
   conv_lib.set_conv_grads("auto" if index >= 1 else "xla")
+  norm_lib.set_batch_norm("auto" if index >= 6 else "xla")
   conv_lib.COL2IM_MAX_CHANNELS = _SHIPPED["channels"] if index >= 2 else 0
   conv_lib.COL2IM_SMALL_OUTPUT = index >= 2
   lenet.max_pool_2x2 = _SHIPPED["pool"] if index >= 3 else _flax_pool
@@ -78,6 +83,7 @@ def variant_settings(index: int):
     yield
   finally:
     conv_lib.set_conv_grads("auto")
+    norm_lib.set_batch_norm("auto")
     conv_lib.COL2IM_MAX_CHANNELS, conv_lib.COL2IM_SMALL_OUTPUT = _SHIPPED["channels"], True
     lenet.max_pool_2x2 = _SHIPPED["pool"]
     augment._roll_hw = _SHIPPED["roll"]  # pylint: disable=protected-access

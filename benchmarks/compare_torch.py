@@ -62,7 +62,8 @@ relative, the second, which also checks gradients and optimiser updates, to `--r
 
 `--conv_grads xla` gives the JAX side JAX's own convolution gradients instead of the library's
 CPU-fast ones (`dfkd_jax.models.conv`); `DFKD_XLA_CPU_YNN=default` gives it XLA's default
-compiler options instead of the library's (`dfkd_jax.compile`): together, the library as it was
+compiler options instead of the library's (`dfkd_jax.compile`), `DFKD_BATCH_NORM=xla` Flax's
+own BatchNorm instead of `dfkd_jax.models.norm`'s: together, the library as it was
 before issue 6's changes (apart from LeNet's max-pool and the jitter roll, which are rewritten
 in place). `--conv_loop_demo` times a ResNet-8 training step in a `lax.scan` both ways.
 """

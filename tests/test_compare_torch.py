@@ -14,13 +14,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import compare_torch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dfkd_jax.models import conv as conv_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from dfkd_jax.models import norm as norm_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _check(method, pair, monkeypatch, iterations=2, gen_lr=None):
   """Parity over `iterations` outer iterations. Two iterations run with JAX's own conv
-  gradients and XLA's default CPU options (`set_conv_grads("xla")`, DFKD_XLA_CPU_YNN=default;
-  tests/test_conv.py and tests/test_compile.py check that the library's replacements compute
-  the same gradients): the second iteration starts from weights after one Adam
+  gradients, Flax's BatchNorm and XLA's default CPU options (`set_conv_grads("xla")`,
+  `set_batch_norm("xla")`, DFKD_XLA_CPU_YNN=default; tests/test_conv.py, test_norm.py and
+  test_compile.py check that the library's replacements compute the same values and
+  gradients): the second iteration starts from weights after one Adam
   step, which is about lr * sign(g) per coordinate, so coordinates whose gradient is at
   float-noise level (biases before a BN, ...) take opposite +-lr steps as soon as two programs
   round differently. XLA's default (YNNPACK) convolutions happen to round like PyTorch's; with
@@ -32,9 +34,11 @@ def _check(method, pair, monkeypatch, iterations=2, gen_lr=None):
   if iterations > 1:
     monkeypatch.setenv("DFKD_XLA_CPU_YNN", "default")
     monkeypatch.setattr(conv_lib, "_mode", "xla")
+    monkeypatch.setattr(norm_lib, "_mode", "xla")
   else:
     monkeypatch.delenv("DFKD_XLA_CPU_YNN", raising=False)
     monkeypatch.setattr(conv_lib, "_mode", "auto")
+    monkeypatch.setattr(norm_lib, "_mode", "auto")
   # PRE-DFKD's memory samples come from the VAE decoder in eval mode, i.e. from BN running
   # variances, which PyTorch updates with the unbiased batch variance and Flax with the biased
   # one: a framework difference of ~1e-4 relative that the later iteration amplifies. With the

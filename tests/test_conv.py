@@ -187,3 +187,31 @@ def test_jitter_roll_gradient_is_the_inverse_roll(shift):
   y, back = jax.jit(lambda v: jax.vjp(lambda u: augment._roll_hw(u, s), v))(x)
   np.testing.assert_array_equal(y, jnp.roll(x, shift, axis=(1, 2)))
   np.testing.assert_array_equal(back(g)[0], jnp.roll(g, (-shift[0], -shift[1]), axis=(1, 2)))
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_generator_equal_with_plain_convolutions(spectral_norm):
+  """Generator convs have biases: `add_bias` (column-sum gradient) must be Flax's `y += bias`."""
+  z = jax.random.normal(jax.random.key(2), (8, 16))
+  ct = jax.random.normal(jax.random.key(3), (8, 16, 16, 1))
+  results = {}
+  for mode in ("xla", "auto"):
+    conv_lib.set_conv_grads(mode)
+    gen = models.Generator(img_size=16, channels=1, ngf=8, spectral_norm=spectral_norm)
+    variables = gen.init(jax.random.key(0), z, train=True)
+
+    def loss(params, z, gen=gen, variables=variables):
+      out, _ = gen.apply({**variables, "params": params}, z, train=True,
+                         mutable=["batch_stats", "spectral_norm"] if spectral_norm
+                         else ["batch_stats"])
+      return jnp.sum(out * ct)
+    results[mode] = (variables, jax.jit(jax.value_and_grad(loss, (0, 1)))(
+        variables["params"], z))
+  (vars_a, out_a), (vars_b, out_b) = results["xla"], results["auto"]
+  assert jax.tree.structure(vars_a) == jax.tree.structure(vars_b)
+  for a, b in zip(jax.tree.leaves(out_a), jax.tree.leaves(out_b)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-4)
+  conv_lib.set_conv_grads("auto")
+  jaxpr = str(jax.make_jaxpr(lambda z: models.Generator(img_size=16, channels=1, ngf=8).init(
+      jax.random.key(0), z, train=True))(z))
+  assert "custom_vjp" in jaxpr

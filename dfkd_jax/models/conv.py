@@ -34,7 +34,8 @@ convolutions.
 Selecting. The environment variable `DFKD_CONV_GRADS` (read at import) or
 `set_conv_grads(mode)` (before tracing) picks the mode: "auto" (default: the
 canonical VJP on CPU, JAX's elsewhere), "canonical" (on every platform, for
-testing), or "xla" (plain `lax.conv_general_dilated`, no custom VJP).
+testing), or "xla" (plain `lax.conv_general_dilated`, no custom VJP, and Flax's own bias add
+instead of `add_bias`).
 
 The models of this package (`lenet`, `resnet_cifar`, `mobilenetv2`,
 `generators`, `vae`, `convnet`) build their convolutions with `Conv`, i.e.

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from dfkd_jax import methods as methods_lib
+from dfkd_jax.config_blocks import loss_block, optimizer  # noqa: F401  (re-exported)
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses 'method=dafl,tiny' into a ConfigDict, typed by `defaults`.
@@ -26,14 +29,6 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = type(default)(value)
   return out
-
-
-def optimizer(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-              **kwargs) -> ml_collections.ConfigDict:
-  c = dict(name=name, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-           nesterov=False, grad_clip=0.0, b1=0.9, b2=0.999)
-  c.update(kwargs)
-  return ml_collections.ConfigDict(c)
 
 
 def base(method: str) -> ml_collections.ConfigDict:
@@ -64,21 +59,15 @@ def base(method: str) -> ml_collections.ConfigDict:
   return c
 
 
-DATA_FREE_METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi", "mb_dfkd", "pre_dfkd")
-GUIDANCE_HOSTS = DATA_FREE_METHODS
-
-
-def loss_block(**overrides) -> ml_collections.ConfigDict:
-  """Synthesis-loss weights (0 disables a term) and the student's KD loss."""
-  c = dict(oh=0.0, ie=0.0, act=0.0, adv=0.0, bn=0.0, tv=0.0, l2=0.0, ce=0.0,
-           adv_type="l1", adv_temperature=3.0, adv_detach_teacher=False, bn_form="l2",
-           first_bn_scale=1.0, kd="kl", kd_temperature=1.0, at_beta=0.0)
-  c.update(overrides)
-  return ml_collections.ConfigDict(c)
+def is_data_free(method: str) -> bool:
+  """Whether `method` is a registered data-free method (read live: a method registered into
+  `dfkd_jax.methods.METHODS` after this module was imported counts too)."""
+  return method in methods_lib.METHODS
 
 
 def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """Adds the data-free blocks to `c` with the method's published defaults (methods.md §10).
+  """Adds the data-free blocks to `c`, then the method's published defaults (its registry entry
+  in `dfkd_jax.methods`, which sits next to its builder; docs/methods.md).
 
   Budgets are in outer iterations; `distill.student_steps` is the number of student updates per
   iteration. The MNIST-scale defaults of each paper are used (Fashion-MNIST is MNIST-sized).
@@ -99,7 +88,7 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
   c.deepinversion = ml_collections.ConfigDict(dict(
       iterations=2000, lr=0.05, b1=0.9, b2=0.999, jitter=2, flip=False, pool_size=256 * 50))
   c.loss = loss_block()
-  # Condensed-sample guidance (methods.md §8) on any method: "none" | "condensed" (feature
+  # Condensed-sample guidance (docs/methods.md §8) on any method: "none" | "condensed" (feature
   # alignment with a projection discriminator + condensed samples in the student batches) |
   # "naive" (condensed samples in the student batches only: the "host + CS" baseline).
   c.guidance = "none"
@@ -117,61 +106,13 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
       kl_weight=1e-5,
       vae_optimizer=optimizer("adam", lr=0.02 / 40, momentum=0.0, weight_decay=0.0,
                               schedule="constant")))
-  if method == "dafl":
-    # MNIST script defaults: oh 1, ie 5, act 0.1; G Adam 0.2; S Adam 2e-3; KL, tau 1.
-    c.loss = loss_block(oh=1.0, ie=5.0, act=0.1, kd="dafl_kd")
-    c.gen_optimizer.lr = 0.2
-    c.optimizer = optimizer("adam", lr=2e-3, momentum=0.0, weight_decay=0.0, schedule="constant")
-  elif method == "dfad":
-    # 5 S steps (L1) then 1 G step (-L1); S SGD 0.1, G Adam 1e-3, both x0.1 at 20% and 40%
-    # of the budget (epochs 100 and 200 of 500); BN eps 1e-5; latent d = 256.
-    c.loss = loss_block(adv=1.0, adv_type="l1", kd="l1")
-    c.distill.student_steps = 5
-    c.distill.latent_dim = 256
-    c.generator.bn_eps = 1e-5
-    c.optimizer = optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="step",
-                            milestones=(0.2, 0.4))
-    c.gen_optimizer.schedule = "step"
-    c.gen_optimizer.milestones = (0.2, 0.4)
-  elif method == "zskt":
-    # 1 G step (-KL elementwise) + 10 S steps on the same z (KL + 250 AT); Adam 1e-3 / 2e-3.
-    c.loss = loss_block(adv=1.0, adv_type="kl", kd="kl_elem", at_beta=250.0)
-    c.distill.student_steps = 10
-    c.distill.batch_size = 128
-    c.generator.kind = "zskt"
-    c.generator.bn_eps = 1e-5
-    c.gen_optimizer = optimizer("adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
-                                schedule="cosine", grad_clip=5.0)
-    c.optimizer = optimizer("adam", lr=2e-3, momentum=0.0, weight_decay=0.0, schedule="cosine",
-                            grad_clip=5.0)
-  elif method in ("deepinversion", "adi"):
-    # CE + 10 bn_l2 + 2.5e-5 tv_l2 (CIFAR README); KD tau 3; ADI adds js_adv (batch mean).
-    c.loss = loss_block(ce=1.0, bn=10.0, tv=2.5e-5, kd="kl", kd_temperature=3.0,
-                        adv=1.0 if method == "adi" else 0.0, adv_type="js_batch")
-    c.distill.student_steps = 400
-    c.optimizer = optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
-  elif method in ("mb_dfkd", "pre_dfkd"):
-    # PRE-DFKD loop (methods.md §6-§7): B 1024, d 1000, 1 G step + 10 L1 student steps per
-    # iteration; G = PRE-DFKD novel generator (spectral norm, U(-.08, .08) init), Adam 0.02;
-    # S SGD 0.1 (cosine). MB-DFKD adds 10 bn_l2 (our choice of form and weight, methods.md §6)
-    # and a bank of 10 slots x 128 images pushed every 5 "epochs" of 36 iterations.
-    # The official code detaches the teacher logits in the JS term (methods.md §7).
-    c.loss = loss_block(oh=1.0, ie=5.0, act=0.1, adv=1.0, adv_type="js", adv_temperature=3.0,
-                        adv_detach_teacher=True, bn=10.0 if method == "mb_dfkd" else 0.0,
-                        kd="l1")
-    c.distill.batch_size = 1024
-    c.distill.latent_dim = 1000
-    c.distill.student_steps = 10
-    c.generator.update(dict(spectral_norm=True, weight_init="uniform008", bn_eps=1e-5))
-    c.gen_optimizer.lr = 0.02
-    c.optimizer = optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
-  else:
-    raise ValueError(f"Unknown data-free method {method!r}; valid: {', '.join(DATA_FREE_METHODS)}.")
+  methods_lib.check_method(method)
+  methods_lib.METHODS[method].defaults(c)
   return c
 
 
 def faithful_pre_dfkd(c: ml_collections.ConfigDict) -> None:
-  """The official PRE-DFKD code's quirks (methods.md §7), instead of our corrected defaults:
+  """The official PRE-DFKD code's quirks (docs/methods.md §7), instead of our corrected defaults:
   BN eps 0.8 in the generators' hidden BNs and the VAE, the latent-step gradient leaking into
   G_m's update, and the encoder input L2-normalised along the image height."""
   c.generator.bn_eps = 0.8

@@ -53,7 +53,7 @@ def get_config(arg: str | None = None):
   c.teacher.workdir = args.teacher_workdir
   if args.method == "kd_condensed":
     common.kd_condensed(c, args.condensed)
-  if args.method in common.DATA_FREE_METHODS:
+  if common.is_data_free(args.method):
     common.distill(c, args.method)
     _fashion_mnist_budget(c, args.method)
     common.data_free_options(c, args)
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None):
     c.log_every = 4
     c.eval_every = 4
     c.checkpoint_every = 4
-    if args.method in common.DATA_FREE_METHODS:
+    if common.is_data_free(args.method):
       common.tiny_distill(c)
   return c
 
@@ -103,7 +103,7 @@ def _fashion_mnist_budget(c, method):
     c.pre_dfkd.vae_ngf = 32
     c.pre_dfkd.vae_steps = 2
     common.scale_replay(c)
-  else:  # deepinversion / adi
+  elif method in ("deepinversion", "adi"):
     c.distill.num_iters = 10
     c.distill.student_steps = 100
     c.distill.eval_every = 2

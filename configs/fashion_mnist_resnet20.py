@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
   c.checkpoint_every = 200
   if args.method == "kd_condensed":
     common.kd_condensed(c, args.condensed)
-  if args.method in common.DATA_FREE_METHODS:
+  if common.is_data_free(args.method):
     common.distill(c, args.method)
     c.distill.batch_size = 128
     c.generator.ngf = 32
@@ -47,6 +47,6 @@ def get_config(arg: str | None = None):
     c.train_limit, c.test_limit, c.batch_size = 512, 256, 32
     c.num_epochs, c.num_steps = 1, 4
     c.log_every = c.eval_every = c.checkpoint_every = 2
-    if args.method in common.DATA_FREE_METHODS:
+    if common.is_data_free(args.method):
       common.tiny_distill(c)
   return c

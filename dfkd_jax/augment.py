@@ -5,11 +5,11 @@ with static Python hyper-parameters, and is differentiable with respect to the i
 augmentations are permutations, masks and affine colour maps of the pixels), so gradients reach the
 pixels being optimised (DeepInversion) or the generator.
 
-- ``jitter_flip``: DeepInversion's augmentation (methods.md §5). One random roll (circular
+- ``jitter_flip``: DeepInversion's augmentation (docs/methods.md §5). One random roll (circular
   shift) (dy, dx) ~ U{−j, …, j}² and, optionally, one horizontal flip with probability ½, both
   shared by the whole batch as in the official code:  x̃ = flip^b(roll(x, (dy, dx))).
 - ``diff_augment``: DiffAugment (Zhao et al., "Differentiable Augmentation for Data-Efficient GAN
-  Training", NeurIPS 2020; methods.md §8), with per-sample random parameters:
+  Training", NeurIPS 2020; docs/methods.md §8), with per-sample random parameters:
     color:       x ← x + (u_b − ½)                   (brightness),
                  x ← (x − x̄_pix)·2u_s + x̄_pix        (saturation; x̄_pix: per-pixel channel mean),
                  x ← (x − x̄_img)·(u_c + ½) + x̄_img   (contrast; x̄_img: per-image mean),
@@ -17,7 +17,7 @@ pixels being optimised (DeepInversion) or the generator.
     translation: integer shift (ty, tx) ~ U{−r, …, r}², r = round(size/8), vacated pixels zeroed;
     cutout:      a square of side round(size/2), centred uniformly (clipped at the borders), zeroed.
   With C = 1 the saturation step is the identity (the channel mean is the pixel itself).
-- ``dsa``: Differentiable Siamese Augmentation as Distribution Matching uses it (methods.md §9):
+- ``dsa``: Differentiable Siamese Augmentation as Distribution Matching uses it (docs/methods.md §9):
   one family of color / crop / cutout / flip / scale / rotate per call, parameters shared by the
   batch, so the same key applies the same transform to a real and a synthetic batch.
 

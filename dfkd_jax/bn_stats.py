@@ -1,6 +1,6 @@
 """Capture of the statistics of BatchNorm *inputs*, without editing the model.
 
-DeepInversion/ADI (methods.md §5) and MB-DFKD match, for every teacher BatchNorm layer l, the
+DeepInversion/ADI (docs/methods.md §5) and MB-DFKD match, for every teacher BatchNorm layer l, the
 per-channel moments of the layer's input against the layer's running statistics:
 
   μ_l(x)  = (1/N) Σ_n x_{n,c}                 (mean over every axis except the feature axis),

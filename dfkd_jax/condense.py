@@ -1,4 +1,4 @@
-r"""Builds the condensed set D_c of methods.md §8: Distribution Matching (§9) or a few-shot sample.
+r"""Builds the condensed set D_c of docs/methods.md §8: Distribution Matching (§9) or a few-shot sample.
 
   python -m dfkd_jax.condense --kind dm --ipc 10 --pad_to 32 --iters 20000 \
       --out runs/condensed/fmnist_dm_ipc10.npz
@@ -223,7 +223,7 @@ def distribution_matching(key, images_by_class: Sequence[np.ndarray], ipc: int, 
                           strategy: str = DEFAULT_STRATEGY, init_images: np.ndarray | None = None,
                           log_every: int = 100,
                           print_fn: Callable[[str], None] | None = print) -> DMResult:
-  """Dataset condensation by Distribution Matching (Zhao & Bilen, WACV 2023; methods.md §9).
+  """Dataset condensation by Distribution Matching (Zhao & Bilen, WACV 2023; docs/methods.md §9).
 
   Args:
     key: JAX PRNG key (networks, real batches, DSA draws).

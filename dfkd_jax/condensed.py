@@ -1,6 +1,6 @@
 """The condensed-set file: one `.npz` with the images, their labels and a JSON `meta` record.
 
-A condensed set D_c (methods.md §8) is either the output of Distribution Matching (§9,
+A condensed set D_c (docs/methods.md §8) is either the output of Distribution Matching (§9,
 `python -m dfkd_jax.condense --kind dm`) or k real training images per class (the few-shot
 variant, `--kind fewshot`). Either way it is stored in the teacher's *normalised* input space:
 the same normalisation and padding as `dfkd_jax.data.datasets.load_split(..., pad_to=...)`

@@ -14,9 +14,10 @@ import os
 import sys
 import time
 
+from dfkd_jax import methods
 from dfkd_jax import report
 
-DEFAULT_METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi", "mb_dfkd", "pre_dfkd")
+DEFAULT_METHODS = tuple(methods.METHODS)
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "fashion_mnist_lenet5.py")
 

@@ -1,4 +1,4 @@
-"""Jitted evaluation over an in-memory test split, and the robustness statistics of methods.md §1."""
+"""Jitted evaluation over an in-memory test split, and the robustness statistics of docs/methods.md §1."""
 from __future__ import annotations
 
 import functools
@@ -59,7 +59,7 @@ def evaluate(apply_fn: Callable, variables, images, labels, *, batch_size: int =
 
 
 def robustness(accuracies) -> dict[str, float]:
-  """methods.md §1: final, mu (mean over evaluations), sigma2 (population variance), best.
+  """docs/methods.md §1: final, mu (mean over evaluations), sigma2 (population variance), best.
 
   `best` is a test-selected oracle: report it labelled as such, never as the headline.
   """

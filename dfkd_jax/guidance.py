@@ -1,4 +1,4 @@
-"""Condensed-sample-guided model inversion (methods.md §8), as pieces any host method wires in.
+"""Condensed-sample-guided model inversion (docs/methods.md §8), as pieces any host method wires in.
 
 A small condensed set D_c (dataset-distillation output, e.g. `python -m dfkd_jax.condense`, or
 k real images per class) lives in `DFKDState.condensed` as `{"images", "labels"}`. With

@@ -1,4 +1,4 @@
-"""Loss library of methods.md §0.2: pure functions, all computed in float32.
+"""Loss library of docs/methods.md §0.2: pure functions, all computed in float32.
 
 Notation: B batch size, K number of classes, t and s teacher and student logits ([B, K]),
 p^τ(z) = softmax(z/τ), KL(p‖q) = Σ_k p_k (log p_k − log q_k). Every function casts its inputs to
@@ -141,7 +141,7 @@ def js_adv(student_logits: jax.Array, teacher_logits: jax.Array, temperature: fl
     - ``"batch"``: sum over k, mean over the batch (ADI / DeepInversion, PyTorch "batchmean");
     - ``"elementwise"``: mean over all B·K entries (PRE-DFKD, MB-DFKD, PyTorch "mean").
 
-  Traps (reproduced on purpose, methods.md §0.2):
+  Traps (reproduced on purpose, docs/methods.md §0.2):
     1. KL is taken with M as the *target* distribution, KL(M‖P); the textbook JS divergence uses
        KL(P‖M). With clipped (hence unnormalised) vectors the sum can even be slightly negative, in
        which case the clip at 0 makes the loss exactly 1 with zero gradient.
@@ -264,7 +264,7 @@ def tv_l1(x: jax.Array) -> jax.Array:
   """L1 total variation over the same 4 neighbour differences as ``tv_l2``.
 
   L = Σ_d mean |Δ_d x| (mean over every entry of each difference tensor). DeepInversion's defaults
-  give this term weight 0 (methods.md §5); our normalisation (plain means, no extra scale) is our
+  give this term weight 0 (docs/methods.md §5); our normalisation (plain means, no extra scale) is our
   choice.
 
   Args:

@@ -2,7 +2,7 @@
 
 - `ImagePool` (DeepInversion/ADI): a ring buffer of single images; `pool_push` writes a batch at
   the cursor (wrapping), `pool_sample` draws images uniformly from the filled part.
-- `MemoryBank` (MB-DFKD, methods.md §6): a ring buffer of *slots*, each one stored batch of
+- `MemoryBank` (MB-DFKD, docs/methods.md §6): a ring buffer of *slots*, each one stored batch of
   `slot_size` images; `bank_push` stores the first `slot_size` images of a batch in the slot at
   the cursor (overwriting the oldest when full), `bank_sample` returns one filled slot drawn
   uniformly plus a `valid` flag that is False while the bank is empty (callers mask the replay

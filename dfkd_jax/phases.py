@@ -4,7 +4,7 @@ Each phase differentiates only its own model's parameters and stops gradients in
 where the method says so. Factories take static configuration (Python numbers, loss names,
 batch sizes) and the mesh; every array lives in the `DFKDState`, never in a closure.
 
-Synthesis losses (methods.md §0.2, §10) are assembled by `synthesis_terms` from weights
+Synthesis losses (docs/methods.md §0.2, §10) are assembled by `synthesis_terms` from weights
 `w.{oh, ie, act, adv, bn, tv, l2, ce}`; a zero weight skips the term (and the forward pass it
 needs). The adversarial term is written so that MINIMISING it maximises teacher/student
 disagreement: `l1` -> -l1_logits, `kl` -> -kl_elem, `js` / `js_batch` -> js_adv (elementwise /
@@ -157,13 +157,13 @@ def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
     batch, latent_dim: latent batch shape.
     mesh: device mesh (the batch is sharded over `data`).
     faithful_bn: keep the student's BN running statistics updated by its train-mode forward
-      inside this step, as the official codes do (methods.md §0.3).
+      inside this step, as the official codes do (docs/methods.md §0.3).
     fused_student: DAFL: also update the student on the same images in this step, with
       `{"kd": name, "temperature": τ, "grad_to_generator": bool, "extras": (...)}` (extras as
       in `student_step`: e.g. condensed samples).
     z_key: optional `z_key(state) -> key` to share one latent batch with other phases (ZSKT).
     guidance: a `guidance.GuidanceSpec` with a discriminator: add `lambda_fa * L_FA` to the
-      generator loss and take one discriminator step on this batch (methods.md §8).
+      generator loss and take one discriminator step on this batch (docs/methods.md §8).
   """
   adversarial_guidance = guidance is not None and guidance.adversarial
   fused_extras = tuple((fused_student or {}).get("extras", ()))
@@ -318,7 +318,7 @@ def student_step(sample: Callable, *, kd: str, temperature: float = 1.0, at_beta
 def inversion_labels(batch: int, num_classes: int) -> jax.Array:
   """DeepInversion target labels: `arange(batch) % K`, every class for any batch >= K.
 
-  Unlike the official CIFAR script's hard-coded `[0..9]*25 + [0..5]` (methods.md §5), the list
+  Unlike the official CIFAR script's hard-coded `[0..9]*25 + [0..5]` (docs/methods.md §5), the list
   follows the configured batch size and class count; class counts differ by at most one.
   """
   if batch < num_classes:
@@ -331,12 +331,12 @@ def inversion_round(w: SynthesisWeights, *, batch: int, image_shape, num_classes
                     iterations: int, lr: float, b1: float, b2: float, jitter: int, flip: bool,
                     mesh, guidance=None):
   """DeepInversion/ADI: optimise a fresh batch of pixels for `iterations` Adam steps (lax.scan)
-  and push the final iterate into the image pool (methods.md §5).
+  and push the final iterate into the image pool (docs/methods.md §5).
 
   Pixels start from N(0, 1); target labels are `inversion_labels(batch, K)` (every class, any
   batch size >= K); each iteration evaluates the loss on a jittered/flipped view. The student,
   used only by the ADI competition term, runs in inference mode. With adversarial `guidance`
-  (methods.md §8) every iteration adds `lambda_fa * L_FA` (labels: the targets) and takes one
+  (docs/methods.md §8) every iteration adds `lambda_fa * L_FA` (labels: the targets) and takes one
   discriminator step; the discriminator state rides in the scan carry.
   """
   tx = optax.adam(lr, b1=b1, b2=b2)

@@ -1,5 +1,5 @@
-"""Replay phases: MB-DFKD's memory bank (methods.md §6) and PRE-DFKD's generative pseudo replay
-with a VAE (methods.md §7). Both keep the student from forgetting what it learned on earlier
+"""Replay phases: MB-DFKD's memory bank (docs/methods.md §6) and PRE-DFKD's generative pseudo replay
+with a VAE (docs/methods.md §7). Both keep the student from forgetting what it learned on earlier
 generator distributions; they differ in what they store:
 
 - memory bank: `slots` stored batches of `slot_size` synthetic images (`memory.MemoryBank`),
@@ -74,7 +74,7 @@ class VAEReplay:
     w_ie, w_oh: weights of the class-balancing terms on the memory samples (5, 1).
     kl_weight: weight of the VAE KL (1e-5).
     leak_z_grad_into_vae: add the gradient of the latent-step loss w.r.t. G_m to the VAE
-      update, as the official code does by accident (methods.md §7 (c)).
+      update, as the official code does by accident (docs/methods.md §7 (c)).
   """
   memory_batch: int
   latent_dim: int
@@ -141,7 +141,7 @@ def memory_extra(spec: VAEReplay, batch: int):
 
 
 def vae_update(spec: VAEReplay, state, key, x_novel):
-  """One VAE step (methods.md §7 (c)) on the first `vae_input` novel images plus freshly
+  """One VAE step (docs/methods.md §7 (c)) on the first `vae_input` novel images plus freshly
   inferred memory samples; in the very first outer iteration, where the official code feeds
   novel images only, the memory part is filled with further novel images (static shapes).
 

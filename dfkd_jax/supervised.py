@@ -3,7 +3,7 @@
 
 `config.method`: "teacher" trains `config.teacher.model`; "scratch" and "kd_real" train
 `config.student.model` (kd_real needs `config.teacher.workdir`). "kd_condensed" is the lower
-bound of condensed-sample guidance (methods.md §8): KD from the teacher on the small condensed
+bound of condensed-sample guidance (docs/methods.md §8): KD from the teacher on the small condensed
 set `config.condensed.path` alone (tiled to fill a batch, DiffAugment-ed with
 `config.augment="diffaugment"`), the test split only for reporting. One jitted, donated step per
 iteration; the epoch permutation is drawn on device once per epoch; batches are gathered on
@@ -29,6 +29,7 @@ from dfkd_jax import condensed as condensed_lib
 from dfkd_jax import evaluation
 from dfkd_jax import logging_utils
 from dfkd_jax import losses
+from dfkd_jax.methods import KD_METHODS, SUPERVISED_METHODS
 from dfkd_jax import model_io
 from dfkd_jax import models as models_lib
 from dfkd_jax import optim
@@ -36,8 +37,6 @@ from dfkd_jax import parallel
 from dfkd_jax import state as state_lib
 from dfkd_jax.data import datasets
 
-SUPERVISED_METHODS = ("teacher", "scratch", "kd_real", "kd_condensed")
-KD_METHODS = ("kd_real", "kd_condensed")
 
 
 class SupervisedState(struct.PyTreeNode):

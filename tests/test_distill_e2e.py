@@ -20,6 +20,7 @@ import pytest
 
 from dfkd_jax import checkpointing
 from dfkd_jax import distill
+from dfkd_jax import methods
 from dfkd_jax import model_io
 from dfkd_jax import train
 from dfkd_jax.data import datasets
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 CONFIG_FILE = os.path.join("configs", "fashion_mnist_lenet5.py")
-METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi", "mb_dfkd", "pre_dfkd")
+METHODS = tuple(methods.METHODS)  # every registered method runs end to end
 
 
 def _have_fashion_mnist():

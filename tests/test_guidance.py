@@ -1,4 +1,4 @@
-"""Condensed-sample guidance (methods.md §8) on every host, at phase level (random tiny teacher).
+"""Condensed-sample guidance (docs/methods.md §8) on every host, at phase level (random tiny teacher).
 
 A random condensed set (10 images per class) is written with `condensed.save_condensed`; each
 host is built with `guidance="condensed"` (discriminator + feature alignment + condensed KD) or
@@ -19,7 +19,7 @@ from dfkd_jax.models import discriminator as disc_lib
 import test_methods
 from test_methods import IMAGE_SHAPE, NUM_CLASSES, tree_equal
 
-HOSTS = ("dafl", "dfad", "deepinversion", "mb_dfkd", "pre_dfkd")
+HOSTS = test_methods.METHODS  # every registered host takes guidance
 
 
 @pytest.fixture(scope="module")

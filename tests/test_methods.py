@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 
 from dfkd_jax import distill
+from dfkd_jax import methods as methods_lib
 from dfkd_jax import models
 from dfkd_jax import parallel
 from dfkd_jax import phases
 from dfkd_jax import state as state_lib
 
-METHODS = ("dafl", "dfad", "zskt", "deepinversion", "adi", "mb_dfkd", "pre_dfkd")
-GENERATIVE = ("dafl", "dfad", "zskt", "mb_dfkd", "pre_dfkd")
+METHODS = tuple(methods_lib.METHODS)  # every registered method is tested
+GENERATIVE = tuple(m for m, spec in methods_lib.METHODS.items() if spec.generator)
 IMAGE_SHAPE = (32, 32, 1)
 NUM_CLASSES = 10
 STEPS = 3

@@ -355,7 +355,7 @@ def test_generator_architecture_shapes():
   assert params["block1"]["conv"]["kernel"].shape == (3, 3, 128, 128)
   assert params["block2"]["conv"]["kernel"].shape == (3, 3, 128, 64)
   assert params["block3"]["conv"]["kernel"].shape == (3, 3, 64, 3)
-  assert _count(params) == 8_423_939  # methods.md §7: G_m 8.42 M at d=1000.
+  assert _count(params) == 8_423_939  # docs/methods.md §7: G_m 8.42 M at d=1000.
   out = jax.eval_shape(
       lambda v, z: gen.apply(v, z, train=True, mutable=["batch_stats"]),
       variables, jax.ShapeDtypeStruct((2, 1000), jnp.float32))[0]

@@ -36,7 +36,7 @@ class DatasetInfo:
   test_split: str = "test"
 
 
-# CIFAR-100 uses the CIFAR-10 constants, as DAFL and PRE-DFKD do (methods.md §0.3).
+# CIFAR-100 uses the CIFAR-10 constants, as DAFL and PRE-DFKD do (docs/methods.md §0.3).
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2023, 0.1994, 0.2010)
 

@@ -1,4 +1,4 @@
-"""The generator-based baselines, each a few lines of wiring (methods.md §2-§4, §10).
+"""The generator-based baselines, each a few lines of wiring (docs/methods.md §2-§4, §10).
 
 - DAFL: one fused step: G minimises oh/ie/act on x = G(z); S minimises KL(T‖S) (τ=1) on sg(x)
   (`dafl.kd_grad_to_generator=True` reproduces the earlier revision without the detach).
@@ -6,7 +6,7 @@
 - ZSKT: 1 G step maximising the elementwise KL, then `student_steps` S steps (KL + β·AT) on
   G(z) recomputed from the SAME z after the G update.
 
-Each takes condensed-sample guidance (`config.guidance`, methods.md §8) by config alone: the
+Each takes condensed-sample guidance (`config.guidance`, docs/methods.md §8) by config alone: the
 generator step adds the feature-alignment term and a discriminator step, and every student
 update adds condensed samples (see `dfkd_jax.guidance`).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 from dfkd_jax import combinators
+from dfkd_jax import config_blocks
 from dfkd_jax import phases
 from dfkd_jax.methods import base
 from dfkd_jax.types import Method
@@ -75,3 +76,40 @@ def make_zskt(ctx: base.Context) -> Method:
       ("student", combinators.repeat(d.student_steps, student, same_key=True,
                                       unroll=d.unroll)))
   return _wrap(ctx, body, base.make_generator(ctx))
+
+
+# Default config blocks (applied by `configs/common.distill` through the registry).
+
+
+def dafl_defaults(c) -> None:
+  """MNIST script defaults: oh 1, ie 5, act 0.1; G Adam 0.2; S Adam 2e-3; KL, tau 1."""
+  c.loss = config_blocks.loss_block(oh=1.0, ie=5.0, act=0.1, kd="dafl_kd")
+  c.gen_optimizer.lr = 0.2
+  c.optimizer = config_blocks.optimizer("adam", lr=2e-3, momentum=0.0, weight_decay=0.0,
+                                        schedule="constant")
+
+
+def dfad_defaults(c) -> None:
+  """5 S steps (L1) then 1 G step (-L1); S SGD 0.1, G Adam 1e-3, both x0.1 at 20% and 40% of the
+  budget (epochs 100 and 200 of 500); BN eps 1e-5; latent d = 256."""
+  c.loss = config_blocks.loss_block(adv=1.0, adv_type="l1", kd="l1")
+  c.distill.student_steps = 5
+  c.distill.latent_dim = 256
+  c.generator.bn_eps = 1e-5
+  c.optimizer = config_blocks.optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                        schedule="step", milestones=(0.2, 0.4))
+  c.gen_optimizer.schedule = "step"
+  c.gen_optimizer.milestones = (0.2, 0.4)
+
+
+def zskt_defaults(c) -> None:
+  """1 G step (-KL elementwise) + 10 S steps on the same z (KL + 250 AT); Adam 1e-3 / 2e-3."""
+  c.loss = config_blocks.loss_block(adv=1.0, adv_type="kl", kd="kl_elem", at_beta=250.0)
+  c.distill.student_steps = 10
+  c.distill.batch_size = 128
+  c.generator.kind = "zskt"
+  c.generator.bn_eps = 1e-5
+  c.gen_optimizer = config_blocks.optimizer("adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
+                                            schedule="cosine", grad_clip=5.0)
+  c.optimizer = config_blocks.optimizer("adam", lr=2e-3, momentum=0.0, weight_decay=0.0,
+                                        schedule="cosine", grad_clip=5.0)

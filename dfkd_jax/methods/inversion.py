@@ -1,11 +1,11 @@
-"""DeepInversion and ADI (methods.md §5): per outer iteration, one synthesis round of
+"""DeepInversion and ADI (docs/methods.md §5): per outer iteration, one synthesis round of
 `deepinversion.iterations` Adam steps on fresh pixels (lax.scan), pushed into an image pool,
 then `distill.student_steps` KD steps on batches drawn uniformly from the pool.
 
 ADI is DeepInversion with the competition weight `loss.adv > 0` (`adv_type="js_batch"`, the
 batch-mean reduction of the official code, τ = 3).
 
-With `config.guidance="condensed"` (methods.md §8) every inversion iteration adds the
+With `config.guidance="condensed"` (docs/methods.md §8) every inversion iteration adds the
 feature-alignment term (labels: the inversion targets) and takes one discriminator step, and the
 student steps add condensed samples; `"naive"` adds the condensed samples only.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 from dfkd_jax import combinators
+from dfkd_jax import config_blocks
 from dfkd_jax import phases
 from dfkd_jax.methods import base
 from dfkd_jax.types import Method
@@ -36,3 +37,16 @@ def make_deepinversion(ctx: base.Context) -> Method:
     raise ValueError(f"deepinversion.pool_size={di.pool_size} must hold at least one batch "
                      f"({d.batch_size}).")
   return Method(init=init, step=body)
+
+
+def deepinversion_defaults(c, *, adi: bool = False) -> None:
+  """CE + 10 bn_l2 + 2.5e-5 tv_l2 (CIFAR README); KD tau 3; ADI adds js_adv (batch mean)."""
+  c.loss = config_blocks.loss_block(ce=1.0, bn=10.0, tv=2.5e-5, kd="kl", kd_temperature=3.0,
+                                    adv=1.0 if adi else 0.0, adv_type="js_batch")
+  c.distill.student_steps = 400
+  c.optimizer = config_blocks.optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                        schedule="cosine")
+
+
+def adi_defaults(c) -> None:
+  deepinversion_defaults(c, adi=True)

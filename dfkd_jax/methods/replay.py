@@ -1,4 +1,4 @@
-"""The replay methods (methods.md §6-§7), each one outer iteration of the PRE-DFKD loop:
+"""The replay methods (docs/methods.md §6-§7), each one outer iteration of the PRE-DFKD loop:
 
 - MB-DFKD (`mb_dfkd`): 1 generator step (oh + 5 ie + 0.1 act + js_adv(τ=3, elementwise mean)
   + w_bn * BN-statistics matching, `loss.bn_form` "l2" (DeepInversion form, default) or
@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 from dfkd_jax import combinators
+from dfkd_jax import config_blocks
 from dfkd_jax import phases
 from dfkd_jax import replay
 from dfkd_jax.methods import base
@@ -90,3 +91,28 @@ def make_pre_dfkd(ctx: base.Context) -> Method:
   init = functools.partial(base.init_state, ctx=ctx, generator=base.make_generator(ctx),
                            vae=(vae_module(ctx), p.vae_optimizer))
   return Method(init=init, step=combinators.sequence(*phases_))
+
+
+def replay_defaults(c, *, bank: bool) -> None:
+  """The PRE-DFKD loop (docs/methods.md): B 1024, d 1000, 1 G step + 10 L1 student steps per
+  iteration; G = PRE-DFKD's novel generator (spectral norm, U(-.08, .08) init), Adam 0.02; S SGD
+  0.1 (cosine); the teacher logits detached in the JS term, as the official code. MB-DFKD
+  (`bank=True`) adds 10 bn_l2 (our choice of form and weight) and replays its memory bank."""
+  c.loss = config_blocks.loss_block(oh=1.0, ie=5.0, act=0.1, adv=1.0, adv_type="js",
+                                    adv_temperature=3.0, adv_detach_teacher=True,
+                                    bn=10.0 if bank else 0.0, kd="l1")
+  c.distill.batch_size = 1024
+  c.distill.latent_dim = 1000
+  c.distill.student_steps = 10
+  c.generator.update(dict(spectral_norm=True, weight_init="uniform008", bn_eps=1e-5))
+  c.gen_optimizer.lr = 0.02
+  c.optimizer = config_blocks.optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                        schedule="cosine")
+
+
+def mb_dfkd_defaults(c) -> None:
+  replay_defaults(c, bank=True)
+
+
+def pre_dfkd_defaults(c) -> None:
+  replay_defaults(c, bank=False)

@@ -1,4 +1,4 @@
-"""ConvNet-3, the embedding network of Distribution Matching (methods.md §9).
+"""ConvNet-3, the embedding network of Distribution Matching (docs/methods.md §9).
 
 Layers: 3 x [Conv3x3 (width 128, SAME padding, with bias) -> instance norm -> ReLU -> 2x2 average
 pool], flatten, then a linear classifier. The instance norm is a GroupNorm with one group per

@@ -1,4 +1,4 @@
-"""Class-conditional projection discriminator on teacher features (methods.md §8).
+"""Class-conditional projection discriminator on teacher features (docs/methods.md §8).
 
 D(h, y) = SN-Linear(512 -> 1)(phi(h)) + <E_y, phi(h)>, with
 phi = SN-Linear(F -> 512) -> LReLU(.2) -> SN-Linear(512 -> 512) -> LReLU(.2) and E a spectrally

@@ -1,4 +1,4 @@
-"""Image generators of DAFL, DFAD, ZSKT and PRE-DFKD (methods.md §2-§4, §7).
+"""Image generators of DAFL, DFAD, ZSKT and PRE-DFKD (docs/methods.md §2-§4, §7).
 
 `Generator` is the DAFL / DFAD / PRE-DFKD architecture (image size s, latent d,
 ngf = 64 in all three official codes):
@@ -47,7 +47,7 @@ Conventions:
   layers.
 
 Exact parameter counts (32x32x3, ngf = 64): d = 1000 (DAFL/PRE-DFKD):
-8,423,939 (methods.md's 8.42 M; spectral norm adds no parameters, only
+8,423,939 (docs/methods.md's 8.42 M; spectral norm adds no parameters, only
 `batch_stats` state); d = 256 (DFAD): 2,329,091; ZSKTGenerator at d = 100:
 1,516,547.
 """

@@ -1,4 +1,4 @@
-"""PRE-DFKD's memory generator: a VAE in image space (methods.md §7).
+"""PRE-DFKD's memory generator: a VAE in image space (docs/methods.md §7).
 
 `VAE` = `Encoder` E_m + decoder G_m, where G_m is the PRE-DFKD generator (`Generator` with
 `bn_eps=0.8`, `weight_init="uniform008"`) without spectral normalisation:
@@ -24,7 +24,7 @@ z = mu + eps exp(logvar / 2); `encode(x, train)` -> (mu, logvar); `decode(z, tra
 Select them with `module.apply(variables, ..., method="decode")`.
 
 Parameter counts at d = 1000, 32x32x3, ngf = 64 (checked by tests/test_pre_dfkd.py): decoder
-8,423,939, encoder 4,321,872 (methods.md's 8.42 M and 4.32 M); 12,745,811 in all (48.6 MiB).
+8,423,939, encoder 4,321,872 (docs/methods.md's 8.42 M and 4.32 M); 12,745,811 in all (48.6 MiB).
 """
 from __future__ import annotations
 

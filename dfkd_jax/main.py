@@ -20,6 +20,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dfkd_jax import methods
+
 FLAGS = flags.FLAGS
 MODES = {
     "train": "(default) run the config's method: teacher, scratch, kd_real (real data), "
@@ -85,7 +87,6 @@ def usage() -> str:
   title, commands = __doc__.split("\n\n")[:2]
   lines = [title, "", "Usage:", commands.rstrip(), "", "Modes (--mode):"]
   lines += [f"  {name:<9} {text}" for name, text in MODES.items()]
-  from dfkd_jax import methods  # pylint: disable=g-import-not-at-top  (jax: only for --help)
   lines += ["", "Methods (method=<m>):", "  real data: " + ", ".join(methods.SUPERVISED_METHODS)]
   lines += [f"  {name:<13} {spec.summary}" for name, spec in methods.METHODS.items()]
   lines += ["", "Config files (--config=<file>:method=<m>[,tiny]; any field can be overridden "

@@ -77,7 +77,10 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
       eval_every=100, checkpoint_every=200, save_images=True,
       # Fully unroll the inner student repeats (see combinators.repeat): faster on XLA:CPU,
       # where conv gradients inside while loops are slow; keep False for long repeats.
-      unroll=False))
+      unroll=False,
+      # > 0: stop after this many seconds of training (compilation included, evaluation
+      # excluded), evaluate and finish (time-to-accuracy benchmarks); 0: run num_iters.
+      time_budget_s=0.0))
   c.generator = ml_collections.ConfigDict(dict(
       kind="dafl", ngf=64, bn_eps=0.8, spectral_norm=False, final_tanh=True,
       weight_init="default"))
@@ -148,6 +151,12 @@ def tiny_distill(c: ml_collections.ConfigDict) -> None:
   c.distill.student_steps = min(c.distill.student_steps, 2)
   c.distill.latent_dim = min(c.distill.latent_dim, 32)
   c.mb_dfkd.update(dict(slots=2, slot_size=8, push_every=2))
+  if "fast" in c:
+    c.fast.update(dict(k=2, warmup=0, pool_size=32 * 6))
+    c.distill.latent_dim = 16
+  if "nayer" in c:
+    c.nayer.update(dict(g_steps=2, g_loops=1, g_life=3, warmup=0, pool_size=32 * 6,
+                        label_emb="one_hot", emb_size=32))
   c.pre_dfkd.update(dict(memory_batch=8, vae_input=16, vae_steps=1, vae_latent_dim=16,
                          vae_ngf=8))
   c.condensed.update(dict(batch=16, d_hidden=32))

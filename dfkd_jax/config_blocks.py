@@ -22,6 +22,6 @@ def loss_block(**overrides) -> ml_collections.ConfigDict:
   """Synthesis-loss weights (0 disables a term) and the student's KD loss."""
   c = dict(oh=0.0, ie=0.0, act=0.0, adv=0.0, bn=0.0, tv=0.0, l2=0.0, ce=0.0,
            adv_type="l1", adv_temperature=3.0, adv_detach_teacher=False, bn_form="l2",
-           first_bn_scale=1.0, kd="kl", kd_temperature=1.0, at_beta=0.0)
+           first_bn_scale=1.0, bn_momentum=0.0, kd="kl", kd_temperature=1.0, at_beta=0.0)
   c.update(overrides)
   return ml_collections.ConfigDict(c)

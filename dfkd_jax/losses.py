@@ -180,6 +180,30 @@ def js_adv(student_logits: jax.Array, teacher_logits: jax.Array, temperature: fl
   return 1.0 - jnp.clip(js, 0.0, 1.0)
 
 
+def adv_masked_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """CMI/Fast/NAYER "decision adversarial" term (docs/methods.md §11.3), to be minimised:
+
+  L = −(1/B) Σ_i m_i Σ_k p(t_i)_k (log p(t_i)_k − log p(s_i)_k),  m_i = 1[argmax s_i = argmax t_i]
+
+  (τ = 1, no τ² factor). The mask carries no gradient; the mean runs over all B samples, the
+  masked ones included, so the term is about 0 while the student rarely agrees with the teacher.
+  Neither logit is detached: the gradient flows through the teacher's softmax too.
+
+  Args:
+    student_logits: s, [B, K] (student first, as in `js_adv`).
+    teacher_logits: t, [B, K].
+
+  Returns:
+    Scalar float32 loss (<= 0).
+  """
+  s, t = _f32(student_logits), _f32(teacher_logits)
+  mask = jax.lax.stop_gradient(
+      (jnp.argmax(s, -1) == jnp.argmax(t, -1)).astype(jnp.float32))
+  log_pt = jax.nn.log_softmax(t, -1)
+  kl = jnp.sum(jnp.exp(log_pt) * (log_pt - jax.nn.log_softmax(s, -1)), -1)
+  return -jnp.mean(mask * kl)
+
+
 # --------------------------------------------------------------------------- DAFL generator terms
 
 

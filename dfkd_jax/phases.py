@@ -26,7 +26,7 @@ from dfkd_jax import losses
 from dfkd_jax import memory
 from dfkd_jax import parallel
 
-ADV_TYPES = ("l1", "kl", "js", "js_batch")
+ADV_TYPES = ("l1", "kl", "js", "js_batch", "masked_kl")
 KD_TYPES = ("kl", "dafl_kd", "kl_elem", "l1")
 BN_FORMS = ("l2", "gauss_kl")
 
@@ -78,6 +78,8 @@ def adversarial_term(kind: str, teacher_logits, student_logits, temperature: flo
     return losses.js_adv(student_logits, teacher_logits, temperature, reduction="elementwise")
   if kind == "js_batch":
     return losses.js_adv(student_logits, teacher_logits, temperature, reduction="batch")
+  if kind == "masked_kl":
+    return losses.adv_masked_kl(student_logits, teacher_logits)
   raise ValueError(f"Unknown adv_type {kind!r}; valid: {', '.join(ADV_TYPES)}.")
 
 
@@ -91,17 +93,45 @@ def student_forward(student, params, x, train: bool):
   return logits, aux, student.batch_stats
 
 
-def synthesis_terms(w: SynthesisWeights, x, state, *, labels=None, student_train: bool = True):
+def momentum_bn_stats(stats, memory_stats, rho: float):
+  """Fast/NAYER "bn_mmt" (docs/methods.md §11.3): the batch moments mixed with the moments kept
+  from earlier synthesis batches, `(1 - rho) * stats + rho * sg(memory)`, once `memory` is set.
+
+  `memory_stats` is `{"stats": tree like stats, "ready": bool}`; before the first batch is
+  recorded (`ready` False) the plain batch moments are used."""
+  ready = memory_stats["ready"]
+  return jax.tree.map(
+      lambda cur, old: jnp.where(ready, (1.0 - rho) * cur + rho * jax.lax.stop_gradient(old), cur),
+      stats, memory_stats["stats"])
+
+
+def update_bn_memory(memory_stats, stats, rho: float):
+  """Records a synthesis batch's BN-input moments into the bn_mmt memory (EMA with weight rho on
+  the old value; the first batch is copied)."""
+  ready = memory_stats["ready"]
+  new = jax.tree.map(lambda old, cur: jnp.where(ready, rho * old + (1.0 - rho) * cur, cur),
+                     memory_stats["stats"], jax.lax.stop_gradient(stats))
+  return {"stats": new, "ready": jnp.ones((), bool)}
+
+
+def synthesis_terms(w: SynthesisWeights, x, state, *, labels=None, student_train: bool = True,
+                    bn_memory=None, bn_momentum: float = 0.0):
   """Synthesis loss terms on images x (gradient flows to x through the frozen teacher).
 
-  Returns (total, terms dict, aux) where aux holds the teacher logits and the student's new
-  batch_stats (when the student ran in train mode).
+  Returns (total, terms dict, aux) where aux holds the teacher logits, the student's new
+  batch_stats (when the student ran in train mode) and, with `w.bn`, the captured BN-input
+  moments (`"bn_stats"`). With `bn_memory` (see `momentum_bn_stats`) and `bn_momentum > 0` the BN
+  term matches the momentum-mixed moments instead of the batch's own.
   """
   teacher = state.teacher
   terms = {}
+  bn_aux = {}
   if w.bn:
     (t_logits, t_aux), stats, order = bn_stats.capture_bn_inputs(
         teacher.apply_fn, teacher.variables, x, train=False)
+    bn_aux = {"bn_stats": stats}
+    if bn_memory is not None and bn_momentum:
+      stats = momentum_bn_stats(stats, bn_memory, bn_momentum)
     if w.bn_form == "l2":
       terms["bn"] = losses.bn_l2(stats, teacher.batch_stats, first_layer_scale=w.first_bn_scale,
                                  order=order)
@@ -132,7 +162,8 @@ def synthesis_terms(w: SynthesisWeights, x, state, *, labels=None, student_train
     terms["adv"] = adversarial_term(w.adv_type, t_for_adv, s_logits, w.adv_temperature)
   weights = dataclasses.asdict(w)
   total = sum(weights[k] * v for k, v in terms.items())
-  return total, terms, {"teacher_logits": t_logits, "student_batch_stats": new_student_bs}
+  return total, terms, {"teacher_logits": t_logits, "student_batch_stats": new_student_bs,
+                        **bn_aux}
 
 
 def latents(key, batch: int, dim: int, mesh):

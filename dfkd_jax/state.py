@@ -94,3 +94,4 @@ class DFKDState(struct.PyTreeNode):
   vae: TrainState | None = None
   discriminator: TrainState | None = None
   condensed: Any = None
+  method_state: Any = None    # a method's own small state (Fast/NAYER: BN-momentum targets)

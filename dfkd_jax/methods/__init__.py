@@ -15,6 +15,7 @@ import ml_collections
 
 from dfkd_jax import types
 from dfkd_jax.methods import base
+from dfkd_jax.methods import fast_nayer
 from dfkd_jax.methods import generative
 from dfkd_jax.methods import inversion
 from dfkd_jax.methods import replay
@@ -47,6 +48,10 @@ METHODS: dict[str, MethodSpec] = {
                           "adversarial generator + BN matching + a memory bank"),
     "pre_dfkd": MethodSpec(replay.make_pre_dfkd, replay.pre_dfkd_defaults, True,
                            "generator + a VAE replaying the synthetic stream"),
+    "fast": MethodSpec(fast_nayer.make_fast, fast_nayer.fast_defaults, True,
+                       "meta-learned generator, k adaptation steps per batch, image pool"),
+    "nayer": MethodSpec(fast_nayer.make_nayer, fast_nayer.nayer_defaults, True,
+                        "label-embedding generator with re-drawn noisy layers, image pool"),
 }
 
 # Real-data modes, trained by `dfkd_jax.supervised` (kd_* distil the teacher's soft labels).

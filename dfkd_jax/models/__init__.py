@@ -4,14 +4,18 @@ from dfkd_jax.models import conv
 from dfkd_jax.models import norm
 from dfkd_jax.models.conv import set_conv_grads
 from dfkd_jax.models.norm import set_batch_norm
+from dfkd_jax.models.generators import FastGenerator
 from dfkd_jax.models.generators import Generator
+from dfkd_jax.models.generators import NoisyLayerGenerator
 from dfkd_jax.models.generators import upsample_nearest_2x
 from dfkd_jax.models.generators import ZSKTGenerator
 from dfkd_jax.models.registry import get_model
 from dfkd_jax.models.registry import MODELS
 
 __all__ = [
+    "FastGenerator",
     "Generator",
+    "NoisyLayerGenerator",
     "MODELS",
     "ZSKTGenerator",
     "conv",

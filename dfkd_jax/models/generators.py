@@ -263,3 +263,100 @@ class ZSKTGenerator(nn.Module):
     return norm_lib.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=self.bn_eps, use_scale=False, use_bias=False,
                         dtype=jnp.float32, name="bn_out")(x.astype(jnp.float32))
+
+
+class _SigmoidTrunk(nn.Module):
+  """The Fast/NAYER decoder (docs/methods.md §11): Linear -> BN -> x2 -> Conv -> BN -> LReLU ->
+  x2 -> Conv -> BN -> LReLU -> Conv -> sigmoid, then the teacher's input normalisation.
+
+  The sigmoid puts the images in [0, 1] pixel units and `(x - mean) / std` maps them into the
+  teacher's normalised input space, so the generator covers exactly the range real images have
+  (the DAFL generator's final tanh + affine-free BN does not: see benchmarks/RESULTS.md §8).
+  """
+  img_size: int
+  channels: int
+  ngf: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: jax.Array, train: bool) -> jax.Array:
+    _check_img_size(self.img_size)
+    norm = functools.partial(norm_lib.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    conv = functools.partial(_ConvBlock, weight_init="default", spectral_norm=False,
+                             dtype=self.dtype)
+    x = _project(h, 2 * self.ngf, self.img_size // 4, "default", self.dtype)
+    x = norm(name="bn0")(x)
+    x = upsample_nearest_2x(x)
+    x = conv(2 * self.ngf, name="block1")(x, train)
+    x = nn.leaky_relu(norm(name="bn1")(x), 0.2)
+    x = upsample_nearest_2x(x)
+    x = conv(self.ngf, name="block2")(x, train)
+    x = nn.leaky_relu(norm(name="bn2")(x), 0.2)
+    x = conv(self.channels, name="block3")(x, train)
+    pixels = jax.nn.sigmoid(x.astype(jnp.float32))
+    return (pixels - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+
+
+class FastGenerator(nn.Module):
+  """Fast-DFKD's generator: latent z [B, d] -> normalised images (docs/methods.md §11.2).
+
+  PyTorch-default initialisation (U(+-1/sqrt(fan_in)) weights and biases); every BN eps 1e-5.
+  """
+  img_size: int = 32
+  channels: int = 3
+  ngf: int = 64
+  mean: tuple[float, ...] = (0.0,)
+  std: tuple[float, ...] = (1.0,)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
+    return _SigmoidTrunk(self.img_size, self.channels, self.ngf, self.mean, self.std,
+                         self.dtype, name="trunk")(z, train)
+
+
+class NoisyLayerGenerator(nn.Module):
+  """NAYER's generator (docs/methods.md §12.2): label embeddings [B, L] -> normalised images.
+
+  h = BN1d(e_y) (batch statistics, learnable affine); row i goes through noisy layer
+  `i // num_classes` (a Linear(L -> emb_size), re-drawn by the method before every synthesis
+  loop), then the `_SigmoidTrunk` decoder. The noisy layers are stacked into one
+  `noisy/kernel [n, L, E]`, `noisy/bias [n, E]` pair and applied with one einsum; a batch that
+  is not a multiple of `num_classes` is padded, so its last rows share the last layer.
+
+  Attributes:
+    num_layers: noisy layers n (= ceil(batch / num_classes)).
+    num_classes: K, the rows served by each noisy layer.
+    emb_size: noisy-layer output width (NAYER: 1000).
+  """
+  num_layers: int
+  num_classes: int
+  emb_size: int = 1000
+  img_size: int = 32
+  channels: int = 3
+  ngf: int = 64
+  mean: tuple[float, ...] = (0.0,)
+  std: tuple[float, ...] = (1.0,)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb: jax.Array, train: bool = True) -> jax.Array:
+    b, l = emb.shape
+    n, k = self.num_layers, self.num_classes
+    if b > n * k:
+      raise ValueError(f"A batch of {b} label embeddings needs at least ceil({b}/{k}) noisy "
+                       f"layers; the generator has {n}.")
+    h = norm_lib.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                           dtype=self.dtype, name="bn_emb")(emb)
+    kernel = self.param("noisy_kernel", nn.initializers.normal(1.0), (n, l, self.emb_size))
+    bias = self.param("noisy_bias", nn.initializers.zeros, (n, self.emb_size))
+    h = jnp.pad(h, ((0, n * k - b), (0, 0))).reshape(n, k, l)
+    h = (jnp.einsum("nkl,nle->nke", h, kernel) + bias[:, None, :]).reshape(n * k, -1)[:b]
+    return _SigmoidTrunk(self.img_size, self.channels, self.ngf, self.mean, self.std,
+                         self.dtype, name="trunk")(h, train)
+
+
+NOISY_PARAMS = ("noisy_kernel", "noisy_bias")

@@ -105,11 +105,11 @@ def wrap_step(method):
 def synthetic_preview(state, ctx, n: int):
   """A few synthetic images (for the PNG grid), in [0, 1] units."""
   key = jax.random.fold_in(state.rng, 10 ** 6)
-  if state.generator is not None:
+  if state.pool is not None:  # the newest pool entries (Fast/NAYER also have a generator)
+    x = state.pool.images[(state.pool.cursor - 1 - jnp.arange(n)) % state.pool.capacity]
+  elif state.generator is not None:
     x = phases.sample_generator(state, key, max(n, ctx.mesh.devices.size), ctx.d.latent_dim,
                                 ctx.mesh)[:n]
-  elif state.pool is not None:
-    x = state.pool.images[:n]
   else:
     return None
   return x
@@ -158,7 +158,7 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = place_state(method.init(jax.random.key(config.seed)), mesh)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_to_keep)
   history = {"eval_steps": [], "accuracy": [], "agreement": [], "train_seconds": 0.0,
-             "eval_seconds": 0.0}
+             "eval_seconds": 0.0, "eval_clock": []}
   if ckpt.latest_step() is not None:
     state, history = ckpt.restore(state)
     print(f"Resumed from iteration {int(state.step)} ({workdir}/checkpoints).", flush=True)
@@ -167,10 +167,22 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preview = jax.jit(functools.partial(synthetic_preview, ctx=ctx, n=64))
   logger = logging_utils.RunLogger(workdir, d.num_iters, name=config.method)
 
+  budget = float(d.get("time_budget_s", 0.0) or 0.0)
+  clock = {"t0": None, "base": 0.0, "excluded": 0.0}
+
+  def train_clock() -> float:
+    """Seconds of training so far (compilation included; evaluations, pictures and
+    checkpoints excluded), summed over resumed segments of the run."""
+    if clock["t0"] is None:
+      return clock["base"]
+    return clock["base"] + time.perf_counter() - clock["t0"] - clock["excluded"]
+
   def do_eval(it):
     t0 = time.perf_counter()
     ev = evaluation.evaluate(state.student.apply_fn, state.student.variables, test_images,
                              test_labels, teacher=state.teacher)
+    history.setdefault("eval_clock", []).append(round(train_clock() - (time.perf_counter() - t0),
+                                                      3))
     history["eval_steps"].append(it)
     history["accuracy"].append(ev["accuracy"])
     history["agreement"].append(ev["agreement"])
@@ -192,7 +204,9 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finite = jnp.array(True)
   t_compile = None
   t_start = time.perf_counter()
+  clock.update(t0=t_start, base=float(history.get("clock_seconds", 0.0)))
   metrics = {}
+  stopped_early = False
   try:
     while it < d.num_iters:
       t0 = time.perf_counter()
@@ -203,11 +217,17 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.block_until_ready(metrics)
         t_compile = time.perf_counter() - t0
         logger.start(it)
-      last = it == d.num_iters
+      if budget:
+        # A wall-clock budget needs the device to have finished: one sync per iteration, only
+        # in runs with `distill.time_budget_s` set (benchmarks).
+        jax.block_until_ready(metrics)
+        stopped_early = train_clock() >= budget and it < d.num_iters
+      last = it == d.num_iters or stopped_early
       if it % d.log_every == 0 or last:
         check_finite(it, finite, metrics)
         logger.write(it, jax.device_get(metrics),
                      print_keys=[k for k in metrics if k.endswith("loss") or k.endswith("agree")])
+      t_side = time.perf_counter()  # evaluation, pictures, checkpoints: off the train clock
       if it % d.eval_every == 0 or last:
         check_finite(it, finite, metrics)
         do_eval(it)
@@ -221,8 +241,15 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
         check_finite(it, finite, metrics)
         history["train_seconds"] += time.perf_counter() - t_start
         t_start = time.perf_counter()
+        history["clock_seconds"] = train_clock()
         ckpt.save(it, state, history)
+      clock["excluded"] += time.perf_counter() - t_side
+      if stopped_early:
+        print(f"[{config.method}] time budget of {budget:.0f} s reached at iteration {it} of "
+              f"{d.num_iters}.", flush=True)
+        break
     history["train_seconds"] += time.perf_counter() - t_start
+    history["clock_seconds"] = train_clock()
     ckpt.save_final(it, state, history)
   finally:
     ckpt.close()
@@ -249,6 +276,9 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "accuracy_series": history["accuracy"], "eval_steps": history["eval_steps"],
       "agreement_series": history["agreement"],
       "train_seconds": train_seconds, "eval_seconds": history["eval_seconds"],
+      "eval_clock_seconds": history.get("eval_clock", []),
+      "clock_seconds": history.get("clock_seconds"),
+      "time_budget_s": budget or None, "stopped_by_time_budget": stopped_early,
       "compile_seconds": t_compile,
       "iterations_per_second": logger.rate(it) if t_compile is not None else None,
       "peak_bytes": peak, "num_devices": int(mesh.devices.size), "seed": config.seed,

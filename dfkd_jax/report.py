@@ -158,7 +158,7 @@ def markdown_table(groups: dict[str, list[dict]]) -> str:
   return "\n".join(lines)
 
 
-X_AXES = ("iteration", "images")
+X_AXES = ("iteration", "images", "seconds")
 
 
 def curve_band(runs: Sequence[dict], x: str = "iteration"):
@@ -168,7 +168,10 @@ def curve_band(runs: Sequence[dict], x: str = "iteration"):
     runs: the summaries of one group.
     x: "iteration", or "images": iteration x `images_per_iteration` (the student's synthetic
       images; runs without that key are left out), which puts methods with different inner
-      loops on one budget axis.
+      loops on one budget axis; or "seconds": the training clock at each evaluation
+      (`eval_clock_seconds`, compilation included), rounded to whole seconds, so runs are
+      averaged only where their evaluation times coincide (time-to-accuracy runs of one
+      method evaluate at the same seconds only by chance: plot them per seed).
 
   Returns:
     (steps, mean, low, high) as numpy arrays over the sorted union of the runs' `eval_steps`
@@ -184,6 +187,10 @@ def curve_band(runs: Sequence[dict], x: str = "iteration"):
       if scale is None:
         continue
       steps = [t * scale for t in steps]
+    elif x == "seconds":
+      steps = s.get("eval_clock_seconds") or []
+      if len(steps) != len(acc):
+        continue
     for step, a in zip(steps, acc):
       if _number(a) is not None:
         by_step.setdefault(int(step), []).append(float(a))
@@ -228,7 +235,8 @@ def plot_groups(groups: dict[str, list[dict]], path: str | None = None, title: s
   if not plotted:
     ax.text(0.5, 0.5, "no accuracy series in these runs", ha="center", va="center",
             transform=ax.transAxes)
-  ax.set_xlabel("iteration" if x == "iteration" else "synthetic images seen by the student")
+  ax.set_xlabel({"iteration": "iteration", "images": "synthetic images seen by the student",
+                 "seconds": "training seconds (compilation included)"}[x])
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
   ax.grid(alpha=0.3)

@@ -333,3 +333,20 @@ def test_ce_weight_without_labels_is_a_clear_error(teacher_dir, tmp_path):
   config.loss.ce = 1.0
   with pytest.raises(ValueError, match="loss.ce"):
     train.train_and_evaluate(config, str(tmp_path / "ce"))
+
+
+def test_time_budget_stops_the_run_and_records_the_training_clock(distill_run, teacher_dir,
+                                                                  tmp_path):
+  """`distill.time_budget_s` ends a run early (with a final evaluation); every evaluation
+  records the training clock, which excludes the evaluations and grows monotonically."""
+  _, full = distill_run("dfad")
+  clock = full["eval_clock_seconds"]
+  assert len(clock) == len(full["accuracy_series"]) and clock == sorted(clock)
+  assert 0 < clock[0] <= full["clock_seconds"]
+  assert full["stopped_by_time_budget"] is False
+  config = get_config(f"method=dfad,tiny,teacher_workdir={teacher_dir}")
+  config.distill.time_budget_s = 1e-3  # reached by the first iteration
+  summary = train.train_and_evaluate(config, str(tmp_path / "budget"))
+  assert summary["stopped_by_time_budget"] is True
+  assert summary["iterations"] == 1 < config.distill.num_iters
+  assert summary["eval_steps"] == [1] and len(summary["eval_clock_seconds"]) == 1

@@ -1,0 +1,272 @@
+r"""Time to accuracy: data-free methods under one wall-clock budget, over seeds.
+
+  python benchmarks/time_to_accuracy.py --methods fast,nayer,mb_dfkd --budget 300 --seeds 0 \
+      --teacher runs/fashion_mnist_lenet5/teacher --out benchmarks/results/tta_lenet5_300s.json
+
+For each method the schedule is sized to the budget: a short calibration run (cached per method,
+config and machine in `<out dir>/rates.json`) measures iterations per second and compile time,
+and the run's `distill.num_iters` is set so that training fills the budget (the learning-rate
+schedules end with it); `distill.time_budget_s` stops a run that is slower than predicted.
+Evaluations (full test set) come every ~`--eval_seconds` of training and do not count against
+the budget; the training clock includes compilation. Reported per run: accuracy at the fixed
+points (60, 120, 300, 600, 900 s: the last evaluation at or before each), final accuracy, μ
+(mean over the run's evaluations), and the first second at which accuracy reached each
+`--thresholds` value; per method: mean ± std over seeds. The JSON keeps every run's full
+(seconds, accuracy) series; `--plot` draws accuracy against seconds.
+
+Runs live in `--workdir/<budget>s/<method>/seed<k>`; a finished run is not repeated, a killed one
+resumes. Test accuracy is only reported, never used to choose anything.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet5.py")
+POINTS = (60, 120, 300, 600, 900)
+
+
+def load_config(path: str, arg: str):
+  spec = importlib.util.spec_from_file_location("tta_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def machine() -> str:
+  return f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores, {platform.machine()}"
+
+
+def _git_commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def _train(config, workdir: str) -> dict:
+  from dfkd_jax import train  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "summary.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  return train.train_and_evaluate(config, workdir)
+
+
+def calibrate(method: str, args, rates: dict, rates_path: str) -> dict:
+  """Iterations/s and compile seconds of `method` at its config (cached in rates.json)."""
+  key = f"{method}|{args.config_arg}|{os.path.basename(args.config)}|{machine()}"
+  if key in rates:
+    return rates[key]
+  config = load_config(args.config, f"method={method},teacher_workdir={args.teacher}"
+                       + (f",{args.config_arg}" if args.config_arg else ""))
+  d = config.distill
+  if method in config and "warmup" in config[method]:
+    config[method].warmup = 0  # time full iterations (synthesis and student steps)
+  d.num_iters = args.calibrate_iters
+  d.eval_every = d.log_every = d.checkpoint_every = d.num_iters
+  d.save_images = False
+  workdir = os.path.join(args.workdir, "calibrate", method)
+  if os.path.exists(workdir):
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(workdir)
+  print(f"== calibrating {method} ({d.num_iters} iterations)", flush=True)
+  s = _train(config, workdir)
+  rate = {"iterations_per_second": s["iterations_per_second"],
+          "compile_seconds": s["compile_seconds"]}
+  rates[key] = rate
+  with open(rates_path, "w", encoding="utf-8") as f:
+    json.dump(rates, f, indent=2)
+  return rate
+
+
+def sized_config(method: str, seed: int, args, rate: dict):
+  """The method's config with num_iters filling the budget and evaluations every ~eval_seconds."""
+  config = load_config(args.config, f"method={method},seed={seed},teacher_workdir={args.teacher}"
+                       + (f",{args.config_arg}" if args.config_arg else ""))
+  d = config.distill
+  ips = rate["iterations_per_second"]
+  train_s = max(args.budget - rate["compile_seconds"], 0.2 * args.budget)
+  d.num_iters = max(2, int(train_s * ips * args.fill))
+  if method in config and "warmup" in config[method]:
+    # keep the warm-up's share of the default schedule
+    frac = config[method].warmup / max(load_config(
+        args.config, f"method={method}").distill.num_iters, 1)
+    config[method].warmup = max(1, int(round(frac * d.num_iters)))
+    if "pool_size" in config[method]:
+      per_iter = config[method].pool_size // max(load_config(
+          args.config, f"method={method}").distill.num_iters, 1)
+      config[method].pool_size = max(per_iter * d.num_iters, d.batch_size * 2)
+  d.eval_every = max(1, int(round(args.eval_seconds * ips)))
+  d.log_every = d.eval_every
+  d.checkpoint_every = max(d.eval_every, d.num_iters // 4)
+  d.time_budget_s = float(args.budget) * args.hard_stop
+  if method == "mb_dfkd":
+    config.mb_dfkd.push_every = max(1, min(config.mb_dfkd.push_every, d.num_iters // 10))
+  return config
+
+
+def at_points(clock, acc, points) -> dict:
+  """Accuracy of the last evaluation at or before each point (None before the first)."""
+  out = {}
+  for p in points:
+    seen = [a for t, a in zip(clock, acc) if t <= p]
+    out[str(p)] = seen[-1] if seen else None
+  return out
+
+
+def time_to(clock, acc, threshold: float):
+  for t, a in zip(clock, acc):
+    if a >= threshold:
+      return t
+  return None
+
+
+def run_record(summary: dict, config, thresholds, points) -> dict:
+  clock, acc = summary.get("eval_clock_seconds") or [], summary.get("accuracy_series") or []
+  return {
+      "seed": summary["seed"], "num_iters_planned": config.distill.num_iters,
+      "iterations": summary["iterations"], "final": summary["final"], "mu": summary["mu"],
+      "best_test_selected": summary["best"], "clock_seconds": summary.get("clock_seconds"),
+      "compile_seconds": summary.get("compile_seconds"),
+      "stopped_by_time_budget": summary.get("stopped_by_time_budget"),
+      "at_seconds": at_points(clock, acc, points),
+      "time_to": {f"{t:g}": time_to(clock, acc, t) for t in thresholds},
+      "series": {"seconds": clock, "accuracy": acc},
+  }
+
+
+def aggregate(records: list[dict], points, thresholds) -> dict:
+  def stats(values):
+    v = [x for x in values if x is not None]
+    if not v:
+      return None
+    return {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
+
+  return {"final": stats([r["final"] for r in records]), "mu": stats([r["mu"] for r in records]),
+          "at_seconds": {str(p): stats([r["at_seconds"][str(p)] for r in records])
+                         for p in points},
+          "time_to": {f"{t:g}": stats([r["time_to"][f"{t:g}"] for r in records])
+                      for t in thresholds}}
+
+
+def plot(result: dict, path: str) -> None:
+  """Accuracy against training seconds: one colour per method, one line per seed."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(6.5, 4), dpi=100)
+  ax = fig.subplots()
+  for i, (method, entry) in enumerate(result["methods"].items()):
+    color = f"C{i % 10}"
+    for j, r in enumerate(entry["runs"]):
+      s = r["series"]
+      fin = entry["summary"]["final"]
+      label = (f"{method} ({fin['mean']:.1f} ± {fin['std']:.1f}, n={fin['n']})"
+               if j == 0 and fin else None)
+      ax.plot(s["seconds"], s["accuracy"], color=color, marker="o", markersize=2,
+              linewidth=1, alpha=0.85, label=label)
+  teacher = result.get("teacher_accuracy")
+  if teacher:
+    ax.axhline(teacher, color="k", linestyle="--", linewidth=0.8, label=f"teacher {teacher:.2f}")
+  ax.set_xlabel("training seconds (compilation included)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylim(0, 100)
+  ax.set_title(f"time to accuracy, {result['budget_seconds']} s budget ({result['machine']})",
+               fontsize="small")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="x-small", loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--methods", required=True, help="comma-separated data-free methods")
+  parser.add_argument("--budget", type=int, default=300, help="training seconds per run")
+  parser.add_argument("--seeds", default="0")
+  parser.add_argument("--teacher", default="runs/fashion_mnist_lenet5/teacher")
+  parser.add_argument("--config", default=CONFIG)
+  parser.add_argument("--config_arg", default="", help="extra config arguments (k=v,...)")
+  parser.add_argument("--workdir", default="runs/tta")
+  parser.add_argument("--out", required=True, help="JSON result file")
+  parser.add_argument("--plot", default=None, help="PNG (default: the --out path with .png)")
+  parser.add_argument("--eval_seconds", type=float, default=20.0)
+  parser.add_argument("--calibrate_iters", type=int, default=4)
+  parser.add_argument("--fill", type=float, default=0.95,
+                      help="fraction of the predicted iterations to plan (headroom)")
+  parser.add_argument("--hard_stop", type=float, default=1.1,
+                      help="stop a run at this multiple of the budget")
+  parser.add_argument("--thresholds", default="80,84,87")
+  args = parser.parse_args(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  sys.path.insert(0, ROOT)
+  from dfkd_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  names = [m for m in args.methods.split(",") if m]
+  for m in names:
+    try:
+      methods_lib.check_method(m)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+  if not os.path.exists(os.path.join(args.teacher, "model.json")) and not os.path.isdir(
+      args.teacher):
+    print(f"error: no teacher in {args.teacher}; train one with `python -m dfkd_jax.main "
+          f"--config={os.path.relpath(args.config, ROOT)}:method=teacher "
+          f"--workdir={args.teacher}`.", file=sys.stderr)
+    return 2
+  seeds = [int(s) for s in args.seeds.split(",")]
+  thresholds = [float(t) for t in args.thresholds.split(",")]
+  points = [p for p in POINTS if p <= args.budget * args.hard_stop] or [args.budget]
+  out_dir = os.path.dirname(os.path.abspath(args.out))
+  os.makedirs(out_dir, exist_ok=True)
+  rates_path = os.path.join(out_dir, "rates.json")
+  rates = {}
+  if os.path.exists(rates_path):
+    with open(rates_path, encoding="utf-8") as f:
+      rates = json.load(f)
+  result = {"budget_seconds": args.budget, "machine": machine(),
+            "date": datetime.date.today().isoformat(), "commit": _git_commit(),
+            "command": "python benchmarks/time_to_accuracy.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]),
+            "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
+            "points_seconds": points, "thresholds": thresholds, "methods": {}}
+  if os.path.exists(args.out):  # keep the methods of an earlier call (one file per budget)
+    with open(args.out, encoding="utf-8") as f:
+      result["methods"] = json.load(f).get("methods", {})
+  t0 = time.time()
+  for m in names:
+    rate = calibrate(m, args, rates, rates_path)
+    records = []
+    for seed in seeds:
+      config = sized_config(m, seed, args, rate)
+      workdir = os.path.join(args.workdir, f"{args.budget}s", m, f"seed{seed}")
+      print(f"== {m} seed {seed}: {config.distill.num_iters} iterations planned for "
+            f"{args.budget} s", flush=True)
+      summary = _train(config, workdir)
+      result["teacher_accuracy"] = summary.get("teacher_accuracy")
+      records.append(run_record(summary, config, thresholds, points))
+    result["methods"][m] = {"runs": records, "summary": aggregate(records, points, thresholds),
+                            "rate": rate}
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+    plot(result, args.plot or os.path.splitext(args.out)[0] + ".png")
+    fin = result["methods"][m]["summary"]["final"]
+    print(f"== {m}: final {fin['mean']:.2f} ± {fin['std']:.2f} over {fin['n']} seed(s) "
+          f"({time.time() - t0:.0f} s so far); wrote {args.out}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

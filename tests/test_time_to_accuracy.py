@@ -1,0 +1,35 @@
+"""The time-to-accuracy benchmark's bookkeeping (benchmarks/time_to_accuracy.py)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import time_to_accuracy as tta  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_accuracy_at_fixed_seconds_is_the_last_evaluation_before_them():
+  clock, acc = [30.0, 70.0, 130.0], [50.0, 80.0, 85.0]
+  assert tta.at_points(clock, acc, [20, 60, 120, 300]) == {
+      "20": None, "60": 50.0, "120": 80.0, "300": 85.0}
+
+
+def test_time_to_threshold():
+  clock, acc = [30.0, 70.0, 130.0], [50.0, 80.0, 85.0]
+  assert tta.time_to(clock, acc, 80.0) == 70.0
+  assert tta.time_to(clock, acc, 90.0) is None
+
+
+def test_aggregate_over_seeds_skips_missing_values():
+  runs = [{"final": 80.0, "mu": 70.0, "at_seconds": {"60": 50.0}, "time_to": {"84": None}},
+          {"final": 82.0, "mu": 72.0, "at_seconds": {"60": None}, "time_to": {"84": None}}]
+  out = tta.aggregate(runs, [60], [84.0])
+  assert out["final"] == {"mean": 81.0, "std": 1.0, "n": 2}
+  assert out["at_seconds"]["60"] == {"mean": 50.0, "std": 0.0, "n": 1}
+  assert out["time_to"]["84"] is None
+
+
+def test_unknown_method_is_a_clear_error(tmp_path, capsys):
+  assert tta.main(["--methods", "nope", "--out", str(tmp_path / "r.json")]) == 2
+  assert "Unknown method 'nope'" in capsys.readouterr().err

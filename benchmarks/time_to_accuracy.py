@@ -14,6 +14,10 @@ points (60, 120, 300, 600, 900 s: the last evaluation at or before each), final 
 `--thresholds` value; per method: mean ± std over seeds. The JSON keeps every run's full
 (seconds, accuracy) series; `--plot` draws accuracy against seconds.
 
+The markdown table of result files (for RESULTS.md and the README):
+
+  python benchmarks/time_to_accuracy.py table benchmarks/results/tta_lenet5_300s.json
+
 Runs live in `--workdir/<budget>s/<method>/seed<k>`; a finished run is not repeated, a killed one
 resumes. Test accuracy is only reported, never used to choose anything.
 """
@@ -189,7 +193,48 @@ def plot(result: dict, path: str) -> None:
   fig.savefig(path)
 
 
+def _fmt(stat, digits=2) -> str:
+  if not stat:
+    return "-"
+  if stat["n"] > 1:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+  return f"{stat['mean']:.{digits}f}"
+
+
+def markdown_table(result: dict) -> str:
+  """One row per method: final, μ, accuracy at the fixed seconds, seconds to each threshold."""
+  points, thresholds = result["points_seconds"], result["thresholds"]
+  head = (["method", "seeds", "final (%)", "μ (%)"] + [f"at {p} s" for p in points]
+          + [f"s to {t:g} %" for t in thresholds])
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  order = sorted(result["methods"].items(),
+                 key=lambda kv: -((kv[1]["summary"]["final"] or {}).get("mean") or 0))
+  for m, entry in order:
+    s = entry["summary"]
+    n = (s["final"] or {}).get("n", 0)
+    cells = [m, str(n), _fmt(s["final"]), _fmt(s["mu"])]
+    cells += [_fmt(s["at_seconds"][str(p)], 1) for p in points]
+    for t in thresholds:
+      st = s["time_to"][f"{t:g}"]
+      cells.append("-" if not st else (f"{st['mean']:.0f}" + (f" ({st['n']}/{n})"
+                                                              if st["n"] < n else "")))
+    rows.append("| " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
 def main(argv=None) -> int:
+  if argv is None:
+    argv = sys.argv[1:]
+  if argv and argv[0] == "table":
+    # python benchmarks/time_to_accuracy.py table <result.json> ...: the markdown tables
+    for path in argv[1:]:
+      with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+      print(f"{result['budget_seconds']} s budget, {result['machine']}, {result['date']}, "
+            f"commit {result['commit']}; teacher {result.get('teacher_accuracy')} %; "
+            f"`{result['command']}`\n")
+      print(markdown_table(result) + "\n")
+    return 0
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--methods", required=True, help="comma-separated data-free methods")
   parser.add_argument("--budget", type=int, default=300, help="training seconds per run")
@@ -238,8 +283,7 @@ def main(argv=None) -> int:
       rates = json.load(f)
   result = {"budget_seconds": args.budget, "machine": machine(),
             "date": datetime.date.today().isoformat(), "commit": _git_commit(),
-            "command": "python benchmarks/time_to_accuracy.py " + " ".join(
-                argv if argv is not None else sys.argv[1:]),
+            "command": "python benchmarks/time_to_accuracy.py " + " ".join(argv),
             "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
             "points_seconds": points, "thresholds": thresholds, "methods": {}}
   if os.path.exists(args.out):  # keep the methods of an earlier call (one file per budget)

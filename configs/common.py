@@ -143,6 +143,23 @@ def guidance(c: ml_collections.ConfigDict, mode: str, path: str) -> None:
     c.condensed.path = path
 
 
+def cpu_fast_nayer(c: ml_collections.ConfigDict, method: str) -> None:
+  """Fast-2 / NAYER sized for 2 CPU cores on 32x32 grayscale pairs (docs/methods.md §11.5,
+  §12.5): B 128, 45 outer iterations (5 warm-up), 100 student steps per iteration in scanned
+  chunks of 5 unrolled steps, student SGD 0.05 (wd 1e-4, cosine), jitter 2 without flips.
+  NAYER: 10 generator steps, 1 loop per iteration, generator life 5, one-hot embeddings into
+  noisy layers of width 256. w_bn 10 with rho 0.9 as in the papers' scripts."""
+  d = c.distill
+  d.update(dict(batch_size=128, num_iters=45, student_steps=100, eval_every=5, unroll=True))
+  c.generator.ngf = 32
+  c.optimizer.update(dict(lr=0.05, weight_decay=1e-4))
+  block = c[method]
+  block.update(dict(warmup=5, pool_size=128 * 45, synth_jitter=2, student_jitter=2,
+                    student_chunk=5))
+  if method == "nayer":
+    block.update(dict(g_steps=10, g_loops=1, g_life=5, label_emb="one_hot", emb_size=256))
+
+
 def tiny_distill(c: ml_collections.ConfigDict) -> None:
   """Shrinks the data-free blocks to a few seconds of work (tests, notebooks, smoke runs)."""
   c.distill.update(dict(num_iters=6, batch_size=32, log_every=2, eval_every=3,

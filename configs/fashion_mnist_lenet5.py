@@ -103,25 +103,8 @@ def _fashion_mnist_budget(c, method):
     c.pre_dfkd.vae_ngf = 32
     c.pre_dfkd.vae_steps = 2
     common.scale_replay(c)
-  elif method == "fast":
-    # Fast-2 sized for 2 CPU cores (docs/methods.md §11.5): B 128, 45 rounds (5 warm-up),
-    # 100 student steps per round, S SGD 0.05; w_bn 10 with rho 0.9 (3 teacher BN layers).
-    c.distill.num_iters = 45
-    c.distill.student_steps = 100
-    c.distill.eval_every = 5
-    c.fast.update(dict(warmup=5, pool_size=128 * 45, synth_jitter=2, student_jitter=2,
-                       student_chunk=5))
-    c.optimizer.update(dict(lr=0.05, weight_decay=1e-4))
-  elif method == "nayer":
-    # NAYER sized for 2 CPU cores (docs/methods.md §12.5): B 128 (13 noisy layers), 10 G steps,
-    # 1 loop per iteration, generator life 5, one-hot label embeddings; 45 iterations.
-    c.distill.num_iters = 45
-    c.distill.student_steps = 100
-    c.distill.eval_every = 5
-    c.nayer.update(dict(g_steps=10, g_loops=1, g_life=5, warmup=5, pool_size=128 * 45,
-                        label_emb="one_hot", emb_size=256, synth_jitter=2,
-                        student_jitter=2, student_chunk=5))
-    c.optimizer.update(dict(lr=0.05, weight_decay=1e-4))
+  elif method in ("fast", "nayer"):
+    common.cpu_fast_nayer(c, method)
   elif method in ("deepinversion", "adi"):
     c.distill.num_iters = 10
     c.distill.student_steps = 100

@@ -42,6 +42,8 @@ def get_config(arg: str | None = None):
     c.generator.ngf = 32
     c.distill.unroll = True  # XLA:CPU: conv gradients inside while loops are slow
     common.scale_replay(c)
+    if args.method in ("fast", "nayer"):
+      common.cpu_fast_nayer(c, args.method)
     common.data_free_options(c, args)
   if args.tiny:
     c.train_limit, c.test_limit, c.batch_size = 512, 256, 32

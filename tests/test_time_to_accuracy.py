@@ -33,3 +33,16 @@ def test_aggregate_over_seeds_skips_missing_values():
 def test_unknown_method_is_a_clear_error(tmp_path, capsys):
   assert tta.main(["--methods", "nope", "--out", str(tmp_path / "r.json")]) == 2
   assert "Unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_markdown_table_orders_methods_by_final_accuracy():
+  def entry(final, n=1):
+    return {"summary": {"final": {"mean": final, "std": 0.5, "n": n},
+                        "mu": {"mean": final - 5, "std": 0.1, "n": n},
+                        "at_seconds": {"60": None}, "time_to": {"84": None}}}
+  result = {"points_seconds": [60], "thresholds": [84.0],
+            "methods": {"slow": entry(70.0), "good": entry(85.0, n=3)}}
+  lines = tta.markdown_table(result).splitlines()
+  assert lines[0].startswith("| method | seeds | final")
+  assert lines[2].startswith("| good | 3 | 85.00 ± 0.50 | 80.00 ± 0.10 | - | - |")
+  assert lines[3].startswith("| slow | 1 | 70.00 |")

@@ -271,7 +271,7 @@ class _SigmoidTrunk(nn.Module):
 
   The sigmoid puts the images in [0, 1] pixel units and `(x - mean) / std` maps them into the
   teacher's normalised input space, so the generator covers exactly the range real images have
-  (the DAFL generator's final tanh + affine-free BN does not: see benchmarks/RESULTS.md §8).
+  (the DAFL generator's final tanh + affine-free BN does not: see benchmarks/RESULTS.md §9).
   """
   img_size: int
   channels: int

@@ -53,8 +53,11 @@ def machine() -> str:
 
 def _git_commit() -> str | None:
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.strip()
+    return head + ("-dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return None
 
@@ -230,9 +233,12 @@ def main(argv=None) -> int:
     for path in argv[1:]:
       with open(path, encoding="utf-8") as f:
         result = json.load(f)
-      print(f"{result['budget_seconds']} s budget, {result['machine']}, {result['date']}, "
-            f"commit {result['commit']}; teacher {result.get('teacher_accuracy')} %; "
-            f"`{result['command']}`\n")
+      print(f"{result['budget_seconds']} s of training per run, {result['machine']}; teacher "
+            f"{result.get('teacher_accuracy')} %. Commands (date, commit):")
+      for m, e in result["methods"].items():
+        print(f"- {m}: `{e.get('command', result['command'])}` ({e.get('date', result['date'])}, "
+              f"{e.get('commit', result['commit'])})")
+      print()
       print(markdown_table(result) + "\n")
     return 0
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -291,6 +297,7 @@ def main(argv=None) -> int:
       result["methods"] = json.load(f).get("methods", {})
   t0 = time.time()
   for m in names:
+    commit = _git_commit()  # per method: a file may collect methods from several calls
     rate = calibrate(m, args, rates, rates_path)
     records = []
     for seed in seeds:
@@ -302,7 +309,8 @@ def main(argv=None) -> int:
       result["teacher_accuracy"] = summary.get("teacher_accuracy")
       records.append(run_record(summary, config, thresholds, points))
     result["methods"][m] = {"runs": records, "summary": aggregate(records, points, thresholds),
-                            "rate": rate}
+                            "rate": rate, "commit": commit, "date": datetime.date.today().isoformat(),
+                            "command": result["command"]}
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
     plot(result, args.plot or os.path.splitext(args.out)[0] + ".png")

@@ -309,7 +309,8 @@ def main(argv=None) -> int:
       result["teacher_accuracy"] = summary.get("teacher_accuracy")
       records.append(run_record(summary, config, thresholds, points))
     result["methods"][m] = {"runs": records, "summary": aggregate(records, points, thresholds),
-                            "rate": rate, "commit": commit, "date": datetime.date.today().isoformat(),
+                            "rate": rate, "commit": commit,
+                            "date": datetime.date.today().isoformat(),
                             "command": result["command"]}
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)

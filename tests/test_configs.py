@@ -88,3 +88,10 @@ def test_cli_rejects_unknown_method(tmp_path):
   for method in helpers.ALL_METHODS:
     assert method in proc.stderr, f"valid method {method!r} not listed in: {proc.stderr}"
   assert "Traceback" not in proc.stderr
+
+
+def test_dfad_matches_batchnorm_statistics_unless_faithful():
+  default = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method=dfad")
+  faithful = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method=dfad,faithful")
+  assert default.loss.bn == 1.0 and default.loss.adv == 1.0
+  assert faithful.loss.bn == 0.0 and faithful.loss.adv == 1.0

@@ -281,7 +281,7 @@ def _bad_input_cases(teacher_dir, tmp):
                           ["'nope'", "lenet5_half_bn", "resnet18", "wrn16_2"]),
       "unknown_method": ([f"--config={CONFIG_FILE}:method=nope,tiny,"
                           f"teacher_workdir={teacher_dir}"], None,
-                         ["'nope'", "adi, dafl, deepinversion, dfad, mb_dfkd, pre_dfkd, zskt"]),
+                         ["'nope'", ", ".join(sorted(methods.METHODS))]),
       "indivisible_batch": ([base, "--config.distill.batch_size=12"],
                             {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
                             ["distill.batch_size=12", "8 devices"]),

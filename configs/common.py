@@ -187,12 +187,12 @@ DATA_FREE_ARGS = dict(guidance="none", condensed="", faithful=False, seed=0)
 
 def data_free_options(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
   """Applies the shared data-free arguments: guidance + condensed set, `faithful` (PRE-DFKD /
-  MB-DFKD official-code quirks; DFAD without our BatchNorm-matching term); and records a run
+  MB-DFKD official-code quirks; DFAD and DAFL without our BatchNorm-matching term); and records a run
   label for reports."""
   if args.faithful:
     faithful_pre_dfkd(c)
-    if c.method == "dfad":
-      c.loss.bn = 0.0  # the paper's loss: the adversarial term alone
+    if c.method in ("dfad", "dafl"):
+      c.loss.bn = 0.0  # the papers' losses, without our BatchNorm-matching term
   guidance(c, args.guidance, args.condensed)
   c.label = c.method
   if args.faithful:

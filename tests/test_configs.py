@@ -90,8 +90,9 @@ def test_cli_rejects_unknown_method(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
-def test_dfad_matches_batchnorm_statistics_unless_faithful():
-  default = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method=dfad")
-  faithful = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method=dfad,faithful")
-  assert default.loss.bn == 1.0 and default.loss.adv == 1.0
-  assert faithful.loss.bn == 0.0 and faithful.loss.adv == 1.0
+@pytest.mark.parametrize("method,paper_term", [("dfad", "adv"), ("dafl", "oh")])
+def test_dfad_and_dafl_match_batchnorm_statistics_unless_faithful(method, paper_term):
+  default = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method={method}")
+  faithful = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method={method},faithful")
+  assert default.loss.bn == 1.0 and default.loss[paper_term] == 1.0
+  assert faithful.loss.bn == 0.0 and faithful.loss[paper_term] == 1.0

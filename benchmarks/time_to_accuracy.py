@@ -90,8 +90,11 @@ def calibrate(method: str, args, rates: dict, rates_path: str) -> dict:
     shutil.rmtree(workdir)
   print(f"== calibrating {method} ({d.num_iters} iterations)", flush=True)
   s = _train(config, workdir)
-  rate = {"iterations_per_second": s["iterations_per_second"],
-          "compile_seconds": s["compile_seconds"]}
+  # From the training clock (evaluation and checkpointing excluded): the first iteration is
+  # the compilation, the others are steady-state iterations.
+  steady = s["clock_seconds"] - s["compile_seconds"]
+  rate = {"iterations_per_second": (s["iterations"] - 1) / max(steady, 1e-6),
+          "compile_seconds": s["compile_seconds"], "calibration_iterations": s["iterations"]}
   rates[key] = rate
   with open(rates_path, "w", encoding="utf-8") as f:
     json.dump(rates, f, indent=2)

@@ -87,6 +87,10 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
   c.gen_optimizer = optimizer("adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
                               schedule="constant")
   c.faithful_bn = True
+  # The teacher's input normalisation (per channel, [0, 1] units) for the sigmoid generators
+  # (fast, nayer, generator.kind=sigmoid); () -> the dataset's own (dfkd_jax.data.datasets).
+  c.pixel_mean = ()
+  c.pixel_std = ()
   c.dafl = ml_collections.ConfigDict(dict(kd_grad_to_generator=False))
   c.deepinversion = ml_collections.ConfigDict(dict(
       iterations=2000, lr=0.05, b1=0.9, b2=0.999, jitter=2, flip=False, pool_size=256 * 50))

@@ -210,7 +210,8 @@ def _fmt(stat, digits=2) -> str:
 def markdown_table(result: dict) -> str:
   """One row per method: final, μ, accuracy at the fixed seconds, seconds to each threshold."""
   points, thresholds = result["points_seconds"], result["thresholds"]
-  head = (["method", "seeds", "final (%)", "μ (%)"] + [f"at {p} s" for p in points]
+  head = (["method", "seeds", "final (%)", "μ (%)", "training s used"]
+          + [f"at {p} s" for p in points]
           + [f"s to {t:g} %" for t in thresholds])
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   order = sorted(result["methods"].items(),
@@ -218,7 +219,9 @@ def markdown_table(result: dict) -> str:
   for m, entry in order:
     s = entry["summary"]
     n = (s["final"] or {}).get("n", 0)
-    cells = [m, str(n), _fmt(s["final"]), _fmt(s["mu"])]
+    used = [r["clock_seconds"] for r in entry.get("runs", []) if r.get("clock_seconds")]
+    cells = [m, str(n), _fmt(s["final"]), _fmt(s["mu"]),
+             f"{np.mean(used):.0f} ({min(used):.0f}-{max(used):.0f})" if used else "-"]
     cells += [_fmt(s["at_seconds"][str(p)], 1) for p in points]
     for t in thresholds:
       st = s["time_to"][f"{t:g}"]
@@ -236,8 +239,9 @@ def main(argv=None) -> int:
     for path in argv[1:]:
       with open(path, encoding="utf-8") as f:
         result = json.load(f)
-      print(f"{result['budget_seconds']} s of training per run, {result['machine']}; teacher "
-            f"{result.get('teacher_accuracy')} %. Commands (date, commit):")
+      print(f"Budget {result['budget_seconds']} s of training per run (schedules sized by a "
+            f"calibration run; 'training s used' is what the runs took), {result['machine']}; "
+            f"teacher {result.get('teacher_accuracy')} %. Commands (date, commit):")
       for m, e in result["methods"].items():
         print(f"- {m}: `{e.get('command', result['command'])}` ({e.get('date', result['date'])}, "
               f"{e.get('commit', result['commit'])})")

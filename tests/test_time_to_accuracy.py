@@ -44,5 +44,5 @@ def test_markdown_table_orders_methods_by_final_accuracy():
             "methods": {"slow": entry(70.0), "good": entry(85.0, n=3)}}
   lines = tta.markdown_table(result).splitlines()
   assert lines[0].startswith("| method | seeds | final")
-  assert lines[2].startswith("| good | 3 | 85.00 ± 0.50 | 80.00 ± 0.10 | - | - |")
+  assert lines[2].startswith("| good | 3 | 85.00 ± 0.50 | 80.00 ± 0.10 | - | - | - |")
   assert lines[3].startswith("| slow | 1 | 70.00 |")

@@ -106,18 +106,16 @@ def sized_config(method: str, seed: int, args, rate: dict):
   config = load_config(args.config, f"method={method},seed={seed},teacher_workdir={args.teacher}"
                        + (f",{args.config_arg}" if args.config_arg else ""))
   d = config.distill
+  default_iters = max(d.num_iters, 1)  # the config's own schedule length
   ips = rate["iterations_per_second"]
   train_s = max(args.budget - rate["compile_seconds"], 0.2 * args.budget)
   d.num_iters = max(2, int(train_s * ips * args.fill))
   if method in config and "warmup" in config[method]:
-    # keep the warm-up's share of the default schedule
-    frac = config[method].warmup / max(load_config(
-        args.config, f"method={method}").distill.num_iters, 1)
-    config[method].warmup = max(1, int(round(frac * d.num_iters)))
-    if "pool_size" in config[method]:
-      per_iter = config[method].pool_size // max(load_config(
-          args.config, f"method={method}").distill.num_iters, 1)
-      config[method].pool_size = max(per_iter * d.num_iters, d.batch_size * 2)
+    # keep the warm-up's share of the default schedule, and the pool per iteration
+    block = config[method]
+    block.warmup = max(1, int(round(block.warmup / default_iters * d.num_iters)))
+    if "pool_size" in block:
+      block.pool_size = max(block.pool_size // default_iters * d.num_iters, d.batch_size * 2)
   d.eval_every = max(1, int(round(args.eval_seconds * ips)))
   d.log_every = d.eval_every
   d.checkpoint_every = max(d.eval_every, d.num_iters // 4)

@@ -67,9 +67,5 @@ def get_config(arg: str | None = None):
       c.loss.update(dict(ce=0.4, adv=1.1))  # the Fast scripts' WRN weights
     common.data_free_options(c, args)
   if args.tiny:
-    c.train_limit, c.test_limit, c.batch_size = 512, 256, 32
-    c.num_epochs, c.num_steps = 1, 4
-    c.log_every = c.eval_every = c.checkpoint_every = 2
-    if common.is_data_free(args.method):
-      common.tiny_distill(c)
+    common.tiny_small(c, args.method)
   return c

@@ -164,6 +164,16 @@ def cpu_fast_nayer(c: ml_collections.ConfigDict, method: str) -> None:
     block.update(dict(g_steps=10, g_loops=1, g_life=5, label_emb="one_hot", emb_size=256))
 
 
+def tiny_small(c: ml_collections.ConfigDict, method: str) -> None:
+  """The tiny mode of the residual-network configs: 512 train / 256 test images, batch 32,
+  4 supervised steps, and the shrunk data-free blocks."""
+  c.train_limit, c.test_limit, c.batch_size = 512, 256, 32
+  c.num_epochs, c.num_steps = 1, 4
+  c.log_every = c.eval_every = c.checkpoint_every = 2
+  if is_data_free(method):
+    tiny_distill(c)
+
+
 def tiny_distill(c: ml_collections.ConfigDict) -> None:
   """Shrinks the data-free blocks to a few seconds of work (tests, notebooks, smoke runs)."""
   c.distill.update(dict(num_iters=6, batch_size=32, log_every=2, eval_every=3,

@@ -101,6 +101,11 @@ def _finish_synthesis(state, best_x, stats, rho, metrics):
   return state.replace(pool=pool, method_state=method_state), metrics
 
 
+def _pool_image_shape(state):
+  """The image shape [H, W, C] of the pool."""
+  return state.pool.images.shape[1:]
+
+
 def _keep_best(best, loss, x):
   best_loss, best_x = best
   better = loss < best_loss
@@ -197,7 +202,7 @@ def fast_synthesis(w: phases.SynthesisWeights, *, batch: int, latent_dim: int, n
       return (optax.apply_updates(theta, ug), optax.apply_updates(z, uz), og, oz, gsum, best,
               st.discriminator, g_bs, stats, {"loss": total, **terms, **d_metrics})
 
-    init_x = jnp.zeros((batch, *g_shape(state)), jnp.float32)
+    init_x = jnp.zeros((batch, *_pool_image_shape(state)), jnp.float32)
     carry = (g.params, z, tx_g.init(g.params), tx_z.init(z),
              jax.tree.map(jnp.zeros_like, g.params), (jnp.inf, init_x), state.discriminator,
              g.batch_stats, None, None)
@@ -211,11 +216,6 @@ def fast_synthesis(w: phases.SynthesisWeights, *, batch: int, latent_dim: int, n
     return _finish_synthesis(state, best_x, stats, bn_momentum, metrics)
 
   return phase
-
-
-def g_shape(state):
-  """The image shape [H, W, C] of the pool."""
-  return state.pool.images.shape[1:]
 
 
 def make_fast(ctx: base.Context) -> Method:
@@ -306,11 +306,13 @@ def nayer_synthesis(w: phases.SynthesisWeights, generator, embeddings: np.ndarra
   def phase(state, key):
     g = state.generator
     k_reset, k_loops = jax.random.split(key)
-    fresh = generator.init(k_reset, emb, train=False)
     reset = (state.step % g_life == 0) & (state.step > 0)
-    params = jax.tree.map(lambda f, p: jnp.where(reset, f, p), fresh["params"], g.params)
-    g_bs = jax.tree.map(lambda f, p: jnp.where(reset, f, p), fresh.get("batch_stats", {}),
-                        g.batch_stats)
+
+    def fresh(_):  # initialised only in the iterations that reset (lax.cond)
+      v = generator.init(k_reset, emb, train=False)
+      return v["params"], v.get("batch_stats", {})
+
+    params, g_bs = jax.lax.cond(reset, fresh, lambda _: (g.params, g.batch_stats), None)
     e = parallel.shard_batch(emb, mesh)
     y = parallel.shard_batch(labels, mesh)
     adv_on = state.step >= warmup
@@ -339,7 +341,7 @@ def nayer_synthesis(w: phases.SynthesisWeights, generator, embeddings: np.ndarra
         return (optax.apply_updates(p, updates), opt, best, st.discriminator, new_bs, stats,
                 {"loss": total, **terms, **d_metrics})
 
-      init_x = jnp.zeros((batch, *g_shape(state)), jnp.float32)
+      init_x = jnp.zeros((batch, *_pool_image_shape(state)), jnp.float32)
       carry = body((params, tx.init(params), (jnp.inf, init_x), state.discriminator, g_bs, None,
                     None), jnp.asarray(0, jnp.int32))
       if g_steps > 1:

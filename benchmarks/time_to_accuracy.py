@@ -74,7 +74,7 @@ def _train(config, workdir: str) -> dict:
 def calibrate(method: str, args, rates: dict, rates_path: str) -> dict:
   """Iterations/s and compile seconds of `method` at its config (cached in rates.json)."""
   key = f"{method}|{args.config_arg}|{os.path.basename(args.config)}|{machine()}"
-  if key in rates:
+  if key in rates and rates[key].get("calibration_iterations", 0) >= args.calibrate_iters:
     return rates[key]
   config = load_config(args.config, f"method={method},teacher_workdir={args.teacher}"
                        + (f",{args.config_arg}" if args.config_arg else ""))
@@ -82,7 +82,10 @@ def calibrate(method: str, args, rates: dict, rates_path: str) -> dict:
   if method in config and "warmup" in config[method]:
     config[method].warmup = 0  # time full iterations (synthesis and student steps)
   d.num_iters = args.calibrate_iters
-  d.eval_every = d.log_every = d.checkpoint_every = d.num_iters
+  # evaluations at a third and at the end: the steady rate is taken between them, so the
+  # compilation and the first iterations' transients do not enter it
+  d.eval_every = d.log_every = max(1, d.num_iters // 3)
+  d.checkpoint_every = d.num_iters
   d.save_images = False
   workdir = os.path.join(args.workdir, "calibrate", method)
   if os.path.exists(workdir):
@@ -90,10 +93,14 @@ def calibrate(method: str, args, rates: dict, rates_path: str) -> dict:
     shutil.rmtree(workdir)
   print(f"== calibrating {method} ({d.num_iters} iterations)", flush=True)
   s = _train(config, workdir)
-  # From the training clock (evaluation and checkpointing excluded): the first iteration is
-  # the compilation, the others are steady-state iterations.
-  steady = s["clock_seconds"] - s["compile_seconds"]
-  rate = {"iterations_per_second": (s["iterations"] - 1) / max(steady, 1e-6),
+  # From the training clock at the evaluations (evaluation and checkpointing excluded): the
+  # iterations between the first and the last evaluation are steady-state iterations.
+  steps, clock = s["eval_steps"], s["eval_clock_seconds"]
+  if len(steps) >= 2 and clock[-1] > clock[0]:
+    ips = (steps[-1] - steps[0]) / (clock[-1] - clock[0])
+  else:  # too few iterations asked: everything after the compiling first one
+    ips = (s["iterations"] - 1) / max(s["clock_seconds"] - s["compile_seconds"], 1e-6)
+  rate = {"iterations_per_second": ips,
           "compile_seconds": s["compile_seconds"], "calibration_iterations": s["iterations"]}
   rates[key] = rate
   with open(rates_path, "w", encoding="utf-8") as f:
@@ -257,7 +264,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="JSON result file")
   parser.add_argument("--plot", default=None, help="PNG (default: the --out path with .png)")
   parser.add_argument("--eval_seconds", type=float, default=20.0)
-  parser.add_argument("--calibrate_iters", type=int, default=4)
+  parser.add_argument("--calibrate_iters", type=int, default=12)
   parser.add_argument("--fill", type=float, default=0.95,
                       help="fraction of the predicted iterations to plan (headroom)")
   parser.add_argument("--hard_stop", type=float, default=1.1,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -40,11 +39,14 @@ CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_lenet5.py")
 POINTS = (60, 120, 300, 600, 900)
 
 
-def load_config(path: str, arg: str):
-  spec = importlib.util.spec_from_file_location("tta_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+def load_config(path: str, arg: str, overrides=()):
+  """The config file's `get_config(arg)` with the `--set field.path=value` overrides applied."""
+  from dfkd_jax import config_blocks  # pylint: disable=g-import-not-at-top
+  from dfkd_jax import demo  # pylint: disable=g-import-not-at-top
+  config = demo.load_config(path, arg)
+  for item in overrides:
+    config_blocks.set_dotted(config, item)
+  return config
 
 
 def machine() -> str:
@@ -74,10 +76,12 @@ def _train(config, workdir: str) -> dict:
 def calibrate(method: str, args, rates: dict, rates_path: str) -> dict:
   """Iterations/s and compile seconds of `method` at its config (cached in rates.json)."""
   key = f"{method}|{args.config_arg}|{os.path.basename(args.config)}|{machine()}"
+  if args.set:
+    key += "|" + ";".join(args.set)
   if key in rates and rates[key].get("calibration_iterations", 0) >= args.calibrate_iters:
     return rates[key]
   config = load_config(args.config, f"method={method},teacher_workdir={args.teacher}"
-                       + (f",{args.config_arg}" if args.config_arg else ""))
+                       + (f",{args.config_arg}" if args.config_arg else ""), args.set)
   d = config.distill
   if method in config and "warmup" in config[method]:
     config[method].warmup = 0  # time full iterations (synthesis and student steps)
@@ -111,7 +115,7 @@ def calibrate(method: str, args, rates: dict, rates_path: str) -> dict:
 def sized_config(method: str, seed: int, args, rate: dict):
   """The method's config with num_iters filling the budget and evaluations every ~eval_seconds."""
   config = load_config(args.config, f"method={method},seed={seed},teacher_workdir={args.teacher}"
-                       + (f",{args.config_arg}" if args.config_arg else ""))
+                       + (f",{args.config_arg}" if args.config_arg else ""), args.set)
   d = config.distill
   default_iters = max(d.num_iters, 1)  # the config's own schedule length
   ips = rate["iterations_per_second"]
@@ -260,6 +264,10 @@ def main(argv=None) -> int:
   parser.add_argument("--teacher", default="runs/fashion_mnist_lenet5/teacher")
   parser.add_argument("--config", default=CONFIG)
   parser.add_argument("--config_arg", default="", help="extra config arguments (k=v,...)")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="config override, e.g. --set nayer.g_steps=5 (repeatable)")
+  parser.add_argument("--label", default="",
+                      help="suffix of the methods' names in the JSON and run folders (variants)")
   parser.add_argument("--workdir", default="runs/tta")
   parser.add_argument("--out", required=True, help="JSON result file")
   parser.add_argument("--plot", default=None, help="PNG (default: the --out path with .png)")
@@ -307,28 +315,37 @@ def main(argv=None) -> int:
   if os.path.exists(args.out):  # keep the methods of an earlier call (one file per budget)
     with open(args.out, encoding="utf-8") as f:
       result["methods"] = json.load(f).get("methods", {})
+  for m in names:  # a bad --set fails here, before any run
+    try:
+      load_config(args.config, f"method={m},teacher_workdir={args.teacher}"
+                  + (f",{args.config_arg}" if args.config_arg else ""), args.set)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   t0 = time.time()
   for m in names:
+    name = m + args.label
     commit = _git_commit()  # per method: a file may collect methods from several calls
     rate = calibrate(m, args, rates, rates_path)
     records = []
     for seed in seeds:
       config = sized_config(m, seed, args, rate)
-      workdir = os.path.join(args.workdir, f"{args.budget}s", m, f"seed{seed}")
-      print(f"== {m} seed {seed}: {config.distill.num_iters} iterations planned for "
+      workdir = os.path.join(args.workdir, f"{args.budget}s", name, f"seed{seed}")
+      print(f"== {name} seed {seed}: {config.distill.num_iters} iterations planned for "
             f"{args.budget} s", flush=True)
       summary = _train(config, workdir)
       result["teacher_accuracy"] = summary.get("teacher_accuracy")
       records.append(run_record(summary, config, thresholds, points))
-    result["methods"][m] = {"runs": records, "summary": aggregate(records, points, thresholds),
-                            "rate": rate, "commit": commit,
-                            "date": datetime.date.today().isoformat(),
-                            "command": result["command"]}
+    result["methods"][name] = {"runs": records,
+                               "summary": aggregate(records, points, thresholds),
+                               "rate": rate, "commit": commit, "overrides": list(args.set),
+                               "date": datetime.date.today().isoformat(),
+                               "command": result["command"]}
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
     plot(result, args.plot or os.path.splitext(args.out)[0] + ".png")
-    fin = result["methods"][m]["summary"]["final"]
-    print(f"== {m}: final {fin['mean']:.2f} ± {fin['std']:.2f} over {fin['n']} seed(s) "
+    fin = result["methods"][name]["summary"]["final"]
+    print(f"== {name}: final {fin['mean']:.2f} ± {fin['std']:.2f} over {fin['n']} seed(s) "
           f"({time.time() - t0:.0f} s so far); wrote {args.out}", flush=True)
   return 0
 

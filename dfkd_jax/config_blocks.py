@@ -25,3 +25,28 @@ def loss_block(**overrides) -> ml_collections.ConfigDict:
            first_bn_scale=1.0, bn_momentum=0.0, kd="kl", kd_temperature=1.0, at_beta=0.0)
   c.update(overrides)
   return ml_collections.ConfigDict(c)
+
+
+def set_dotted(config: ml_collections.ConfigDict, item: str) -> None:
+  """Applies one `a.b.c=value` override, typed by the field's current value (as
+  `--config.a.b.c=value` does on the command line); unknown fields are a ValueError."""
+  key, sep, text = item.partition("=")
+  if not sep:
+    raise ValueError(f"Override {item!r} needs the form field.path=value.")
+  *parents, leaf = key.strip().split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ValueError(f"Override {item!r}: no config block {'.'.join(parents[:i + 1])!r}.")
+    node = node[part]
+  if leaf not in node:
+    raise ValueError(f"Override {item!r}: no field {leaf!r} in {'.'.join(parents) or 'the config'}"
+                     f"; valid: {', '.join(sorted(node.keys()))}.")
+  current = node[leaf]
+  if isinstance(current, bool):
+    value = text.lower() in ("1", "true", "yes")
+  elif isinstance(current, (int, float, str)):
+    value = type(current)(text)
+  else:
+    raise ValueError(f"Override {item!r}: {key} is a {type(current).__name__}, not a scalar.")
+  node[leaf] = value

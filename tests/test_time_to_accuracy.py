@@ -35,6 +35,29 @@ def test_unknown_method_is_a_clear_error(tmp_path, capsys):
   assert "Unknown method 'nope'" in capsys.readouterr().err
 
 
+def test_bad_override_is_a_clear_error_before_any_run(tmp_path, capsys):
+  teacher = tmp_path / "teacher"
+  teacher.mkdir()
+  assert tta.main(["--methods", "nayer", "--set", "nayer.g_stepz=3", "--teacher", str(teacher),
+                   "--out", str(tmp_path / "r.json")]) == 2
+  err = capsys.readouterr().err
+  assert "no field 'g_stepz' in nayer" in err and "g_steps" in err
+  assert not (tmp_path / "r.json").exists()
+
+
+def test_overrides_are_typed_by_the_field():
+  from dfkd_jax import config_blocks  # pylint: disable=g-import-not-at-top
+  config = tta.load_config(tta.CONFIG, "method=nayer", ["nayer.g_steps=3", "loss.bn=2",
+                                                       "distill.unroll=false"])
+  assert config.nayer.g_steps == 3 and isinstance(config.nayer.g_steps, int)
+  assert config.loss.bn == 2.0 and isinstance(config.loss.bn, float)
+  assert config.distill.unroll is False
+  for bad, match in [("nayer.g_steps", "field.path=value"), ("nope.x=1", "no config block"),
+                     ("loss=1", "not a scalar")]:
+    with pytest.raises(ValueError, match=match):
+      config_blocks.set_dotted(config, bad)
+
+
 def test_markdown_table_orders_methods_by_final_accuracy():
   def entry(final, n=1):
     return {"summary": {"final": {"mean": final, "std": 0.5, "n": n},

@@ -65,13 +65,23 @@ def bn_memory_init(teacher, image_shape) -> dict:
           "ready": jnp.zeros((), bool)}
 
 
-def _loop(n: int, body, carry, unroll: bool):
+def _loop(n: int, body, carry, unroll: bool, chunk: int = 0):
   """`carry = body(carry, i)` for i < n: a Python loop (`unroll`, or n = 1) or a `lax.scan`
-  (see `combinators.repeat` for why CPU configs unroll)."""
-  if unroll or n == 1:
-    for i in range(n):
-      carry = body(carry, jnp.asarray(i, jnp.int32))
+  (see `combinators.repeat` for why CPU configs unroll). With `unroll` and 0 < chunk < n: a
+  scan over n // chunk chunks of `chunk` unrolled steps, then the remainder unrolled (the
+  compile time of about `chunk` steps instead of n)."""
+  def unrolled(carry, start, count):
+    for i in range(count):
+      carry = body(carry, jnp.asarray(start, jnp.int32) + i)
     return carry
+
+  if unroll and 0 < chunk < n:
+    q, r = divmod(n, chunk)
+    carry = jax.lax.scan(lambda c, j: (unrolled(c, j * chunk, chunk), None), carry,
+                         jnp.arange(q))[0]
+    return unrolled(carry, q * chunk, r)
+  if unroll or n == 1:
+    return unrolled(carry, 0, n)
   return jax.lax.scan(lambda c, i: (body(c, i), None), carry, jnp.arange(n))[0]
 
 
@@ -295,7 +305,7 @@ def redraw_noisy(params, key):
 def nayer_synthesis(w: phases.SynthesisWeights, generator, embeddings: np.ndarray, *, batch: int,
                     num_classes: int, g_steps: int, g_loops: int, g_life: int, lr: float,
                     warmup: int, bn_momentum: float, jitter: int, mesh, guidance=None,
-                    unroll: bool = True):
+                    unroll: bool = True, chunk: int = 0):
   """One NAYER iteration's synthesis (docs/methods.md §12.3): every `g_life` iterations a
   freshly initialised generator; then `g_loops` loops of (re-drawn noisy layers, a fresh Adam,
   `g_steps` steps, best batch into the pool, bn_mmt memory update)."""
@@ -345,7 +355,7 @@ def nayer_synthesis(w: phases.SynthesisWeights, generator, embeddings: np.ndarra
       carry = body((params, tx.init(params), (jnp.inf, init_x), state.discriminator, g_bs, None,
                     None), jnp.asarray(0, jnp.int32))
       if g_steps > 1:
-        carry = _loop(g_steps - 1, lambda c, i: body(c, i + 1), carry, unroll)
+        carry = _loop(g_steps - 1, lambda c, i: body(c, i + 1), carry, unroll, chunk)
       params, _, (best_loss, best_x), disc, g_bs, stats, metrics = carry
       state, metrics = state.replace(discriminator=disc), metrics
       state, metrics = _finish_synthesis(state, best_x, stats, bn_momentum,
@@ -378,7 +388,7 @@ def make_nayer(ctx: base.Context) -> Method:
       base.synthesis_weights(cfg.loss), generator, table, batch=d.batch_size,
       num_classes=ctx.num_classes, g_steps=n.g_steps, g_loops=n.g_loops, g_life=n.g_life,
       lr=n.lr_g, warmup=n.warmup, bn_momentum=cfg.loss.bn_momentum, jitter=n.synth_jitter,
-      mesh=ctx.mesh, guidance=ctx.guidance, unroll=d.unroll)
+      mesh=ctx.mesh, guidance=ctx.guidance, unroll=d.unroll, chunk=n.synth_chunk)
   body = combinators.sequence(("synth", synth), ("student", _student(ctx, n, n.warmup)))
   sample_input = jnp.asarray(table)[phases.inversion_labels(d.batch_size, ctx.num_classes)]
   return Method(init=_init(ctx, n, generator, sample_input), step=body)
@@ -394,7 +404,7 @@ def nayer_defaults(c) -> None:
   c.nayer = ml_collections.ConfigDict(dict(
       g_steps=30, g_loops=2, g_life=10, lr_g=4e-3, warmup=20, pool_size=400 * 2 * 120,
       label_emb="gaussian", label_emb_size=512, label_emb_path="", emb_size=1000,
-      synth_jitter=4, student_jitter=4, student_chunk=0))
+      synth_jitter=4, student_jitter=4, student_chunk=0, synth_chunk=0))
   c.distill.update(dict(num_iters=120, batch_size=400, student_steps=400))
   c.generator.ngf = 64
   c.optimizer = config_blocks.optimizer("sgd", lr=0.2, momentum=0.9, weight_decay=1e-4,

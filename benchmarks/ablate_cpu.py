@@ -43,11 +43,11 @@ from dfkd_jax import augment  # noqa: E402
 from dfkd_jax import demo  # noqa: E402
 from dfkd_jax import distill  # noqa: E402
 from dfkd_jax import models  # noqa: E402
+from dfkd_jax import numerics as numerics_lib  # noqa: E402
 from dfkd_jax import parallel  # noqa: E402
 from dfkd_jax import state as state_lib  # noqa: E402
 from dfkd_jax.models import conv as conv_lib  # noqa: E402
 from dfkd_jax.models import lenet  # noqa: E402
-from dfkd_jax.models import norm as norm_lib  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAIRS = {"lenet": ("fashion_mnist_lenet5.py", "lenet5_bn"),
@@ -70,27 +70,19 @@ def _jnp_roll(x, shift):
 @contextlib.contextmanager
 def variant_settings(index: int):
   """Library settings of variant `index` (0-6) while a step is traced and compiled."""
-  conv_lib.set_conv_grads("auto" if index >= 1 else "xla")
-  norm_lib.set_batch_norm("auto" if index >= 6 else "xla")
   conv_lib.COL2IM_MAX_CHANNELS = _SHIPPED["channels"] if index >= 2 else 0
   conv_lib.COL2IM_SMALL_OUTPUT = index >= 2
   lenet.max_pool_2x2 = _SHIPPED["pool"] if index >= 3 else _flax_pool
   augment._roll_hw = _SHIPPED["roll"] if index >= 4 else _jnp_roll  # pylint: disable=protected-access
-  old_env = os.environ.get("DFKD_XLA_CPU_YNN")
-  if index < 5:
-    os.environ["DFKD_XLA_CPU_YNN"] = "default"
   try:
-    yield
+    with numerics_lib.use(conv_grads="auto" if index >= 1 else "xla",
+                          batch_norm="auto" if index >= 6 else "xla",
+                          xla_cpu_ynn="none" if index >= 5 else "default"):
+      yield
   finally:
-    conv_lib.set_conv_grads("auto")
-    norm_lib.set_batch_norm("auto")
     conv_lib.COL2IM_MAX_CHANNELS, conv_lib.COL2IM_SMALL_OUTPUT = _SHIPPED["channels"], True
     lenet.max_pool_2x2 = _SHIPPED["pool"]
     augment._roll_hw = _SHIPPED["roll"]  # pylint: disable=protected-access
-    if old_env is None:
-      os.environ.pop("DFKD_XLA_CPU_YNN", None)
-    else:
-      os.environ["DFKD_XLA_CPU_YNN"] = old_env
 
 
 def build(pair: str, method: str, args, index: int):

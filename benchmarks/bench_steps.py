@@ -19,6 +19,7 @@ auto: canonical-layout conv gradients on CPU; `xla`: JAX's own, the state before
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -46,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from dfkd_jax import distill  # noqa: E402
 from dfkd_jax import models  # noqa: E402
+from dfkd_jax import numerics as numerics_lib  # noqa: E402
 from dfkd_jax import parallel  # noqa: E402
 from dfkd_jax import state as state_lib  # noqa: E402
 from dfkd_jax import demo  # noqa: E402
@@ -111,7 +113,7 @@ def main():
   p.add_argument("--methods", default="dafl,dfad,zskt,deepinversion,adi")
   p.add_argument("--batch", default="256", help="global batch size(s), comma-separated")
   p.add_argument("--devices", type=int, default=1, help="fake XLA:CPU devices")
-  p.add_argument("--conv_grads", default="auto", choices=models.conv.MODES)
+  p.add_argument("--conv_grads", default="auto", choices=numerics_lib.CONV_GRADS)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--ngf", type=int, default=32)
   p.add_argument("--di_iters", type=int, default=20)
@@ -119,7 +121,8 @@ def main():
                  help="override student steps per iteration (default: the method's)")
   p.add_argument("--unroll", action="store_true", help="unroll the inner student repeats")
   args = p.parse_args()
-  models.set_conv_grads(args.conv_grads)
+  # This script's numerics, for the rest of the process.
+  contextlib.ExitStack().enter_context(numerics_lib.use(conv_grads=args.conv_grads))
   if jax.device_count() != args.devices:
     raise SystemExit(f"--devices {args.devices} but JAX sees {jax.device_count()} devices")
   import chex  # pylint: disable=g-import-not-at-top

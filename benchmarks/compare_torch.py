@@ -70,6 +70,7 @@ in place). `--conv_loop_demo` times a ResNet-8 training step in a `lax.scan` bot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import functools
@@ -102,6 +103,7 @@ except ImportError as e:  # pragma: no cover
 from dfkd_jax import demo  # noqa: E402
 from dfkd_jax import distill  # noqa: E402
 from dfkd_jax import models  # noqa: E402
+from dfkd_jax import numerics as numerics_lib  # noqa: E402
 from dfkd_jax import optim  # noqa: E402
 from dfkd_jax import parallel  # noqa: E402
 from dfkd_jax import state as state_lib  # noqa: E402
@@ -1023,16 +1025,13 @@ def conv_loop_demo(model: str = "resnet8", batch: int = 64, steps: int = 4):
       times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
-  rows, mode = [], models.conv.get_conv_grads()
+  rows = []
   for variant in ("xla", "auto"):
-    models.set_conv_grads(variant)
-    try:
+    with numerics_lib.use(conv_grads=variant):
       sgd_step = make_sgd_step()
       one, _ = timed(jax.jit(functools.partial(sgd_step, _=None)), 3)
       loop, out = timed(jax.jit(functools.partial(jax.lax.scan, sgd_step, xs=None,
                                                   length=steps)), 2)
-    finally:
-      models.set_conv_grads(mode)
     rows.append((variant, one, loop, float(out[1][-1])))
   return rows
 
@@ -1286,7 +1285,8 @@ def main(argv=None):
                  "the library's conv gradients, then exit")
   args = p.parse_args(argv)
   torch.set_num_threads(args.threads)
-  models.set_conv_grads(args.conv_grads)
+  # The JAX side's numerics for the rest of this process (a script, not a library call).
+  contextlib.ExitStack().enter_context(numerics_lib.use(conv_grads=args.conv_grads))
   methods = [m for m in args.methods.split(",") if m]
   for m in methods:
     if m not in METHODS:

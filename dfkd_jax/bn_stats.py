@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfkd_jax import numerics as numerics_lib
 from dfkd_jax.models import norm as norm_lib
 
 PyTree = Any
@@ -82,7 +83,7 @@ def input_moments(x: jax.Array, feature_axis: int | Sequence[int] = -1
   """
   x = jnp.asarray(x, jnp.float32)
   features = _feature_axes(feature_axis, x.ndim)
-  if features == (x.ndim - 1,) and norm_lib.get_batch_norm() == "auto":
+  if features == (x.ndim - 1,) and numerics_lib.current().batch_norm == "auto":
     # Column sums as matrix products on CPU (see dfkd_jax.models.norm); the same two-pass moments.
     n = x.size // x.shape[-1]
     mean = norm_lib.column_sums(x) / n

@@ -36,12 +36,6 @@ class Checkpointer:
     self._mngr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-  def save_final(self, step: int, state: Any, meta: dict) -> None:
-    """Saves the end-of-run checkpoint unless `step` is already saved (a re-run of a finished
-    run, or one killed after its final save, then completes instead of failing)."""
-    if self.latest_step() != int(step):
-      self.save(step, state, meta)
-
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores the state at `step` (latest by default) into the structure of `target`.
 

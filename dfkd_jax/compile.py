@@ -13,10 +13,11 @@ products only (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) was in between.
 
 The options are used only when the default backend is CPU, and only if this
 jaxlib accepts them (checked once by compiling a tiny function; a jaxlib that
-renamed the option gets a warning and XLA's defaults). The environment
-variable `DFKD_XLA_CPU_YNN` overrides the value: `default` keeps XLA's own
-choice, any other value is passed as the option's value (an enum name such as
-`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`; unset: the empty string, no YNNPACK).
+renamed the option gets a warning and XLA's defaults). The value comes from
+the numerics in scope (`dfkd_jax.numerics`, `Numerics.xla_cpu_ynn`, read when a
+step is built): `none` (the default: the empty list, no YNNPACK), `default`
+(XLA's own choice), or an enum name such as `LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`
+passed as the option's value.
 
 Every jitted training step of the library (`distill.make_step`, the supervised
 trainer, dataset condensation) is built with `jit`.
@@ -25,14 +26,14 @@ trainer, dataset condensation) is built with `jit`.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable
 import warnings
 
 import jax
 
+from dfkd_jax import numerics as numerics_lib
+
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-YNN_VALUE = ""  # no YNNPACK fusions: XLA's own (Eigen) convolutions and dots
 
 
 @functools.cache
@@ -43,7 +44,8 @@ def _supported(options: tuple[tuple[str, str], ...]) -> bool:
   except Exception as e:  # pylint: disable=broad-except
     warnings.warn(f"dfkd_jax: XLA:CPU rejected the compiler options {dict(options)} ({e}); "
                   "using XLA's defaults (convolutions may be about 2x slower). Set "
-                  "DFKD_XLA_CPU_YNN=default to silence this.", stacklevel=3)
+                  "numerics.xla_cpu_ynn='default' (DFKD_XLA_CPU_YNN=default) to silence this.",
+                  stacklevel=3)
     return False
 
 
@@ -51,9 +53,10 @@ def compiler_options() -> dict[str, Any] | None:
   """The compiler options for a jitted step on the default backend (None: XLA's own)."""
   if jax.default_backend() != "cpu":
     return None
-  value = os.environ.get("DFKD_XLA_CPU_YNN", YNN_VALUE)
+  value = numerics_lib.current().xla_cpu_ynn
   if value == "default":
     return None
+  value = "" if value == "none" else value  # the empty list: no YNNPACK fusions
   options = ((YNN_OPTION, value),)
   return dict(options) if _supported(options) else None
 

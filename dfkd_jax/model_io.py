@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from dfkd_jax import models as models_lib
+from dfkd_jax import numerics as numerics_lib
 from dfkd_jax import state as state_lib
 
 WEIGHTS = "model.msgpack"
@@ -35,7 +36,8 @@ def export_model(workdir: str, *, model_name: str, num_classes: int, input_shape
   digest = hashlib.sha256(blob).hexdigest()
   meta = {"model": model_name, "num_classes": int(num_classes),
           "input_shape": [int(d) for d in input_shape], "dataset": dataset, "sha256": digest,
-          "num_params": state_lib.num_params(params), **(extra or {})}
+          "num_params": state_lib.num_params(params),
+          "numerics": numerics_lib.current().to_dict(), **(extra or {})}
   for name, data in ((WEIGHTS, blob), (META, json.dumps(meta, indent=2).encode())):
     tmp = os.path.join(workdir, name + ".tmp")
     with open(tmp, "wb") as f:

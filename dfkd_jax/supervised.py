@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import chex
 from flax import struct
@@ -23,11 +22,9 @@ import ml_collections
 import numpy as np
 
 from dfkd_jax import augment as augment_lib
-from dfkd_jax import checkpointing
-from dfkd_jax import compile as compile_lib
 from dfkd_jax import condensed as condensed_lib
 from dfkd_jax import evaluation
-from dfkd_jax import logging_utils
+from dfkd_jax import loop as loop_lib
 from dfkd_jax import losses
 from dfkd_jax.methods import KD_METHODS, SUPERVISED_METHODS
 from dfkd_jax import model_io
@@ -158,70 +155,44 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_images = parallel.replicate(jnp.asarray(x_test), mesh)
   test_labels = parallel.replicate(jnp.asarray(y_test), mesh)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_to_keep)
-  history = {"eval_steps": [], "accuracy": [], "train_seconds": 0.0}
-  if ckpt.latest_step() is not None:
-    state, history = ckpt.restore(state)
-    print(f"Resumed from step {int(state.step)} ({workdir}/checkpoints).", flush=True)
-
   # A run builds its own step; forget traces of earlier runs in this process (same source).
   chex.clear_trace_counter()
-  train_step = compile_lib.jit(
-      chex.assert_max_traces(make_train_step(config, mesh, steps_per_epoch), 1), donate_argnums=0)
+  train_step = loop_lib.jit_step(make_train_step(config, mesh, steps_per_epoch))
   perm_fn = jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n)
                     .astype(jnp.int32))
-  logger = logging_utils.RunLogger(workdir, total_steps, name=config.method)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-  step = int(state.step)
   perm_key = jax.random.fold_in(state_key, 1)
-  perm = perm_fn(perm_key, step // steps_per_epoch)
-  t_start = time.perf_counter()
-  t_compile = None
-  metrics = None
-  ev = None  # the last evaluation, reused as the final one when it is at the last step
-  while step < total_steps:
-    if step % steps_per_epoch == 0 and step > 0:
-      perm = perm_fn(perm_key, step // steps_per_epoch)
-    t0 = time.perf_counter()
-    state, metrics = train_step(state, images, labels, perm)
-    step += 1
-    if t_compile is None:
-      jax.block_until_ready(metrics)
-      t_compile = time.perf_counter() - t0
-      logger.start(step)
-    if step % config.log_every == 0 or step == total_steps:
-      logger.write(step, jax.device_get(metrics))
-    if step % eval_every == 0 or step == total_steps:
-      ev = evaluation.evaluate(state.model.apply_fn, state.model.variables, test_images,
-                               test_labels, teacher=teacher)
-      history["eval_steps"].append(step)
-      history["accuracy"].append(ev["accuracy"])
-      logger.write(step, {f"test/{k}": v for k, v in ev.items()})
-    if step % config.checkpoint_every == 0 and step < total_steps:
-      history["train_seconds"] += time.perf_counter() - t_start
-      t_start = time.perf_counter()
-      ckpt.save(step, state, history)
-  history["train_seconds"] += time.perf_counter() - t_start
-  ckpt.save_final(step, state, history)
-  ckpt.close()
-  logger.close()
+  perm = {}  # the current epoch's permutation, drawn on device once per epoch
 
-  final = ev if (ev is not None and history["eval_steps"][-1] == step) else evaluation.evaluate(
-      state.model.apply_fn, state.model.variables, test_images, test_labels, teacher=teacher)
+  def step_fn(state, it):
+    epoch = it // steps_per_epoch
+    if epoch not in perm:
+      perm.clear()
+      perm[epoch] = perm_fn(perm_key, epoch)
+    return train_step(state, images, labels, perm[epoch])
+
+  def evaluate(state):
+    return evaluation.evaluate(state.model.apply_fn, state.model.variables, test_images,
+                               test_labels, teacher=state.teacher)
+
+  schedule = loop_lib.Schedule(config.method, total_steps, config.log_every, eval_every,
+                               config.checkpoint_every, config.max_to_keep)
+  out = loop_lib.run(schedule, state, step_fn, evaluate, workdir,
+                     config_json=config.to_json_best_effort(indent=2),
+                     teacher_sha256=teacher_meta["sha256"] if teacher_meta else None)
+  state, history, step = out.state, out.history, out.steps
+  final = {"accuracy": history["accuracy"][-1], "agreement": history["agreement"][-1]}
   summary = {
       "method": config.method, "label": config.get("label", config.method), "model": name,
       "dataset": config.dataset, "steps": step,
       "test_accuracy": final["accuracy"], **evaluation.robustness(history["accuracy"]),
-      "accuracy_series": history["accuracy"], "eval_steps": history["eval_steps"],
-      "train_seconds": history["train_seconds"], "compile_seconds": t_compile,
-      "steps_per_second": logger.rate(step) if t_compile is not None else None,
-      "images_per_second": (logger.rate(step) * config.batch_size) if t_compile else None,
+      **out.common_summary(),
+      "steps_per_second": out.steps_per_second,
+      "images_per_second": (out.steps_per_second * config.batch_size
+                            if out.steps_per_second else None),
       "num_params": state_lib.num_params(state.model.params),
-      "num_devices": int(mesh.devices.size),
+      "num_devices": int(mesh.devices.size), "seed": config.seed,
   }
-  if "agreement" in final:
+  if final["agreement"] is not None:
     summary["teacher_agreement"] = final["agreement"]
   if teacher_meta is not None:
     summary["teacher_sha256"] = teacher_meta["sha256"]

@@ -14,3 +14,13 @@ import pytest  # noqa: E402
 @pytest.fixture
 def rng():
   return jax.random.key(0)
+
+
+@pytest.fixture
+def numerics_scope():
+  """`numerics_scope(**fields)` scopes `dfkd_jax.numerics` settings until the test ends (each
+  call nests inside the previous one)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from dfkd_jax import numerics  # pylint: disable=g-import-not-at-top
+  with contextlib.ExitStack() as stack:
+    yield lambda **fields: stack.enter_context(numerics.use(**fields))

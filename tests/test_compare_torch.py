@@ -13,14 +13,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "benchmarks"))
 import compare_torch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-from dfkd_jax.models import conv as conv_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from dfkd_jax.models import norm as norm_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
-
-def _check(method, pair, monkeypatch, iterations=2, gen_lr=None):
+def _check(method, pair, numerics_scope, iterations=2, gen_lr=None):
   """Parity over `iterations` outer iterations. Two iterations run with JAX's own conv
-  gradients, Flax's BatchNorm and XLA's default CPU options (`set_conv_grads("xla")`,
-  `set_batch_norm("xla")`, DFKD_XLA_CPU_YNN=default; tests/test_conv.py, test_norm.py and
+  gradients, Flax's BatchNorm and XLA's default CPU options (numerics
+  conv_grads="xla", batch_norm="xla", xla_cpu_ynn="default"; tests/test_conv.py, test_norm.py and
   test_compile.py check that the library's replacements compute the same values and
   gradients): the second iteration starts from weights after one Adam
   step, which is about lr * sign(g) per coordinate, so coordinates whose gradient is at
@@ -32,13 +29,9 @@ def _check(method, pair, monkeypatch, iterations=2, gen_lr=None):
   the first iteration."""
   torch.set_num_threads(1)
   if iterations > 1:
-    monkeypatch.setenv("DFKD_XLA_CPU_YNN", "default")
-    monkeypatch.setattr(conv_lib, "_mode", "xla")
-    monkeypatch.setattr(norm_lib, "_mode", "xla")
+    numerics_scope(conv_grads="xla", batch_norm="xla", xla_cpu_ynn="default")
   else:
-    monkeypatch.delenv("DFKD_XLA_CPU_YNN", raising=False)
-    monkeypatch.setattr(conv_lib, "_mode", "auto")
-    monkeypatch.setattr(norm_lib, "_mode", "auto")
+    numerics_scope(conv_grads="auto", batch_norm="auto", xla_cpu_ynn="none")
   # PRE-DFKD's memory samples come from the VAE decoder in eval mode, i.e. from BN running
   # variances, which PyTorch updates with the unbiased batch variance and Flax with the biased
   # one: a framework difference of ~1e-4 relative that the later iteration amplifies. With the
@@ -65,8 +58,8 @@ def _check(method, pair, monkeypatch, iterations=2, gen_lr=None):
     pytest.param("mb_dfkd", marks=pytest.mark.slow),
     pytest.param("pre_dfkd", marks=pytest.mark.slow),
 ])
-def test_losses_match_torch(method, monkeypatch):
-  _check(method, "lenet", monkeypatch)
+def test_losses_match_torch(method, numerics_scope):
+  _check(method, "lenet", numerics_scope)
 
 
 # ResNet-20 -> ResNet-8 (configs/fashion_mnist_resnet20.py, every student repeat unrolled): a
@@ -82,8 +75,8 @@ def test_losses_match_torch(method, monkeypatch):
     pytest.param("mb_dfkd", marks=pytest.mark.slow),
     pytest.param("pre_dfkd", marks=pytest.mark.slow),
 ])
-def test_resnet_losses_match_torch(method, monkeypatch):
-  _check(method, "resnet", monkeypatch,
+def test_resnet_losses_match_torch(method, numerics_scope):
+  _check(method, "resnet", numerics_scope,
          gen_lr=1e-9 if method in ("dafl", "pre_dfkd") else None)
 
 
@@ -92,10 +85,10 @@ def test_resnet_losses_match_torch(method, monkeypatch):
     pytest.param("mb_dfkd", "lenet", marks=pytest.mark.slow),
     pytest.param("pre_dfkd", "lenet", marks=pytest.mark.slow),
 ])
-def test_shipped_compiler_options_match_torch_first_iteration(method, pair, monkeypatch):
+def test_shipped_compiler_options_match_torch_first_iteration(method, pair, numerics_scope):
   # PRE-DFKD's first iteration starts with a generator Adam step (the same chaos as above: with
   # the library's rounding its KD losses then differ by up to 3 %), so its generator is frozen.
-  _check(method, pair, monkeypatch, iterations=1,
+  _check(method, pair, numerics_scope, iterations=1,
          gen_lr=1e-9 if method == "pre_dfkd" else None)
 
 

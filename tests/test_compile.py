@@ -18,8 +18,8 @@ def _conv_grad(x, w):
 
 
 @pytest.mark.skipif(not _CPU, reason="CPU-only options")
-def test_default_options_turn_ynnpack_off(monkeypatch):
-  monkeypatch.delenv("DFKD_XLA_CPU_YNN", raising=False)
+def test_default_options_turn_ynnpack_off(numerics_scope):
+  numerics_scope(xla_cpu_ynn="none")
   assert compile_lib.compiler_options() == {compile_lib.YNN_OPTION: ""}
   x, w = jnp.ones((8, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
   fn = compile_lib.jit(_conv_grad)
@@ -29,14 +29,14 @@ def test_default_options_turn_ynnpack_off(monkeypatch):
   assert jnp.allclose(fn(x, w), jax.jit(_conv_grad)(x, w), rtol=1e-5)
 
 
-def test_default_env_value_keeps_xla_defaults(monkeypatch):
-  monkeypatch.setenv("DFKD_XLA_CPU_YNN", "default")
+def test_default_value_keeps_xla_defaults(numerics_scope):
+  numerics_scope(xla_cpu_ynn="default")
   assert compile_lib.compiler_options() is None
 
 
 @pytest.mark.skipif(not _CPU, reason="CPU-only options")
-def test_rejected_option_warns_and_falls_back(monkeypatch):
-  monkeypatch.setenv("DFKD_XLA_CPU_YNN", "NOT_A_FUSION_TYPE")
+def test_rejected_option_warns_and_falls_back(numerics_scope):
+  numerics_scope(xla_cpu_ynn="NOT_A_FUSION_TYPE")
   with pytest.warns(UserWarning, match="DFKD_XLA_CPU_YNN=default"):
     assert compile_lib.compiler_options() is None
   fn = compile_lib.jit(lambda a: a * 2)
@@ -49,13 +49,13 @@ def test_explicit_compiler_options_win():
 
 
 @pytest.mark.skipif(not _CPU, reason="CPU-only options")
-def test_generator_gradient_close_to_float64(monkeypatch):
+def test_generator_gradient_close_to_float64(numerics_scope):
   """The library's options must not cost accuracy: a DAFL generator's parameter gradient
   (through BNs, upsampling and the canonical conv gradients) agrees with a float64 evaluation
   of the same program (measured: 2.4e-6 relative (L2 over all parameters) with the library's
   options, 4.2e-7 with XLA's defaults: both are float32 rounding, they only round differently)."""
   from dfkd_jax import models  # pylint: disable=g-import-not-at-top
-  monkeypatch.delenv("DFKD_XLA_CPU_YNN", raising=False)
+  numerics_scope(xla_cpu_ynn="none")
   gen = models.Generator(img_size=32, channels=1, ngf=16)
   z = jax.random.normal(jax.random.key(0), (16, 32))
   variables = gen.init(jax.random.key(1), z, train=True)

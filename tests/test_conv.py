@@ -20,6 +20,7 @@ import pytest
 
 from dfkd_jax import augment
 from dfkd_jax import models
+from dfkd_jax import numerics
 from dfkd_jax.models import conv as conv_lib
 from dfkd_jax.models import lenet
 
@@ -40,13 +41,6 @@ _CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_mode():
-  mode = conv_lib.get_conv_grads()
-  yield
-  conv_lib.set_conv_grads(mode)
-
-
 def _loss(conv, stride, padding):
   def loss(x, w):
     y = conv(x, w, (stride, stride), padding, dimension_numbers=_DN)
@@ -62,8 +56,9 @@ def _inputs(cin, cout, k, size, batch=3):
 
 @pytest.mark.parametrize("mode", ["auto", "canonical"])
 @pytest.mark.parametrize("cin,cout,k,stride,padding,size", _CASES)
-def test_value_and_gradients_match_lax(mode, cin, cout, k, stride, padding, size):
-  conv_lib.set_conv_grads(mode)
+def test_value_and_gradients_match_lax(mode, cin, cout, k, stride, padding, size,
+                                       numerics_scope):
+  numerics_scope(conv_grads=mode)
   x, w = _inputs(cin, cout, k, size)
   want = jax.jit(jax.value_and_grad(_loss(jax.lax.conv_general_dilated, stride, padding),
                                     (0, 1)))(x, w)
@@ -82,8 +77,8 @@ def _sgd_scan(conv, x, w0, steps=3):
   return jax.jit(lambda w: jax.lax.scan(body, w, None, length=steps))
 
 
-def test_gradients_match_lax_inside_scan():
-  conv_lib.set_conv_grads("auto")
+def test_gradients_match_lax_inside_scan(numerics_scope):
+  numerics_scope(conv_grads="auto")
   x, w = _inputs(8, 16, 3, 8)
   want = _sgd_scan(jax.lax.conv_general_dilated, x, w)(w)
   got = _sgd_scan(conv_lib.conv_general_dilated, x, w)(w)
@@ -96,8 +91,8 @@ def _conv_dim_labels(compiled_text: str) -> list[str]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU layout property")
-def test_scan_gradient_convolutions_are_canonical_on_cpu():
-  conv_lib.set_conv_grads("auto")
+def test_scan_gradient_convolutions_are_canonical_on_cpu(numerics_scope):
+  numerics_scope(conv_grads="auto")
   x, w = _inputs(16, 16, 3, 8)  # above COL2IM_MAX_CHANNELS: the input gradient is a conv
 
   def body(carry, _):  # both gradients (input and kernel) are used
@@ -111,12 +106,12 @@ def test_scan_gradient_convolutions_are_canonical_on_cpu():
   assert set(labels) == {"b01f_01io->b01f"}, labels
 
 
-def test_xla_mode_is_plain_lax():
-  conv_lib.set_conv_grads("xla")
+def test_xla_mode_is_plain_lax(numerics_scope):
+  numerics_scope(conv_grads="xla")
   x, w = _inputs(4, 4, 3, 6)
   jaxpr = jax.make_jaxpr(jax.grad(_loss(conv_lib.conv_general_dilated, 1, "SAME"), 1))(x, w)
   assert "custom_vjp" not in str(jaxpr)
-  conv_lib.set_conv_grads("auto")
+  numerics_scope(conv_grads="auto")
   jaxpr = jax.make_jaxpr(jax.grad(_loss(conv_lib.conv_general_dilated, 1, "SAME"), 1))(x, w)
   assert "custom_vjp" in str(jaxpr) or "optimization_barrier" in str(jaxpr)
 
@@ -136,15 +131,15 @@ def test_unsupported_convolutions_pass_through():
 
 def test_bad_mode_names_the_choices():
   with pytest.raises(ValueError, match="auto.*canonical.*xla"):
-    conv_lib.set_conv_grads("fast")
+    numerics.Numerics(conv_grads="fast")
 
 
 @pytest.mark.parametrize("name,channels", [("lenet5_half_bn", 1), ("resnet8", 3)])
-def test_models_equal_with_plain_convolutions(name, channels):
+def test_models_equal_with_plain_convolutions(name, channels, numerics_scope):
   x = jax.random.normal(jax.random.key(2), (4, 32, 32, channels))
   results = {}
   for mode in ("xla", "canonical"):
-    conv_lib.set_conv_grads(mode)
+    numerics_scope(conv_grads=mode)
     module = models.get_model(name, num_classes=10)
     variables = module.init(jax.random.key(0), x)
 
@@ -190,13 +185,13 @@ def test_jitter_roll_gradient_is_the_inverse_roll(shift):
 
 
 @pytest.mark.parametrize("spectral_norm", [False, True])
-def test_generator_equal_with_plain_convolutions(spectral_norm):
+def test_generator_equal_with_plain_convolutions(spectral_norm, numerics_scope):
   """Generator convs have biases: `add_bias` (column-sum gradient) must be Flax's `y += bias`."""
   z = jax.random.normal(jax.random.key(2), (8, 16))
   ct = jax.random.normal(jax.random.key(3), (8, 16, 16, 1))
   results = {}
   for mode in ("xla", "auto"):
-    conv_lib.set_conv_grads(mode)
+    numerics_scope(conv_grads=mode)
     gen = models.Generator(img_size=16, channels=1, ngf=8, spectral_norm=spectral_norm)
     variables = gen.init(jax.random.key(0), z, train=True)
 
@@ -211,7 +206,7 @@ def test_generator_equal_with_plain_convolutions(spectral_norm):
   assert jax.tree.structure(vars_a) == jax.tree.structure(vars_b)
   for a, b in zip(jax.tree.leaves(out_a), jax.tree.leaves(out_b)):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-4)
-  conv_lib.set_conv_grads("auto")
+  numerics_scope(conv_grads="auto")
   jaxpr = str(jax.make_jaxpr(lambda z: models.Generator(img_size=16, channels=1, ngf=8).init(
       jax.random.key(0), z, train=True))(z))
   assert "custom_vjp" in jaxpr

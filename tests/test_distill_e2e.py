@@ -22,6 +22,7 @@ from dfkd_jax import checkpointing
 from dfkd_jax import distill
 from dfkd_jax import methods
 from dfkd_jax import model_io
+from dfkd_jax import numerics
 from dfkd_jax import train
 from dfkd_jax.data import datasets
 
@@ -104,6 +105,8 @@ def test_tiny_run_writes_summary_pictures_and_student(method, distill_run, teach
                                          expect_classes=10)
   assert meta["method"] == method and meta["test_accuracy"] == on_disk["final"]
   assert student.params
+  # The run's numerics, traceable from both files (the environment's defaults here).
+  assert on_disk["numerics"] == meta["numerics"] == numerics.Numerics.from_env().to_dict()
 
 
 # --------------------------------------------------------------- exact resume after SIGKILL
@@ -158,7 +161,7 @@ def test_resume_after_sigkill_is_exact(teacher_dir, tmp_path):
 
   resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resumed from iteration" in resumed.stdout
+  assert "Resumed from step" in resumed.stdout
   out, _ = reference.communicate(timeout=300)
   assert reference.returncode == 0, out[-3000:]
 

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 
 from dfkd_jax import bn_stats
+from dfkd_jax import numerics
 from dfkd_jax.models import norm as norm_lib
-
-
-@pytest.fixture(autouse=True)
-def _restore_mode():
-  mode = norm_lib.get_batch_norm()
-  yield
-  norm_lib.set_batch_norm(mode)
 
 
 def _apply(module, variables, x, train):
@@ -76,7 +70,7 @@ def test_gradient_through_returned_statistics():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU program property")
-def test_cpu_program_has_no_reductions():
+def test_cpu_program_has_no_reductions(numerics_scope):
   x = jax.random.normal(jax.random.key(0), (64, 8, 8, 16))
   module = norm_lib.BatchNorm()
   variables = module.init(jax.random.key(1), x, use_running_average=False)
@@ -87,7 +81,7 @@ def test_cpu_program_has_no_reductions():
     return jnp.sum(y * y)
   text = jax.jit(jax.grad(loss, (0, 1))).lower(variables["params"], x).compile().as_text()
   assert "reduce-window" not in text and " reduce(" not in text
-  norm_lib.set_batch_norm("xla")
+  numerics_scope(batch_norm="xla")
   text = jax.jit(jax.grad(loss, (0, 1))).lower(variables["params"], x).compile().as_text()
   assert "reduce-window" in text or " reduce(" in text
 
@@ -117,4 +111,4 @@ def test_found_by_bn_capture():
 
 def test_bad_mode_names_the_choices():
   with pytest.raises(ValueError, match="auto.*xla"):
-    norm_lib.set_batch_norm("fast")
+    numerics.Numerics(batch_norm="fast")

@@ -2,8 +2,6 @@
 
 from dfkd_jax.models import conv
 from dfkd_jax.models import norm
-from dfkd_jax.models.conv import set_conv_grads
-from dfkd_jax.models.norm import set_batch_norm
 from dfkd_jax.models.generators import FastGenerator
 from dfkd_jax.models.generators import Generator
 from dfkd_jax.models.generators import NoisyLayerGenerator
@@ -21,7 +19,5 @@ __all__ = [
     "conv",
     "get_model",
     "norm",
-    "set_batch_norm",
-    "set_conv_grads",
     "upsample_nearest_2x",
 ]

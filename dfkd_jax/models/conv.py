@@ -28,14 +28,14 @@ second conv), or whose output is smaller than its kernel (LeNet's third conv),
 is a matmul plus a col2im sum instead (faster than either convolution form for
 those shapes, measured in a scan: benchmarks/RESULTS.md §8). Forward-mode
 autodiff (`jax.jvp`, `jax.jacfwd`) is not defined for a custom-VJP function;
-the library never uses it, and `set_conv_grads("xla")` restores plain
+the library never uses it, and `conv_grads="xla"` restores plain
 convolutions.
 
-Selecting. The environment variable `DFKD_CONV_GRADS` (read at import) or
-`set_conv_grads(mode)` (before tracing) picks the mode: "auto" (default: the
-canonical VJP on CPU, JAX's elsewhere), "canonical" (on every platform, for
-testing), or "xla" (plain `lax.conv_general_dilated`, no custom VJP, and Flax's own bias add
-instead of `add_bias`).
+Selecting. `dfkd_jax.numerics` holds the mode (`Numerics.conv_grads`, read when a
+model is traced): "auto" (default: the canonical VJP on CPU, JAX's elsewhere), "canonical"
+(on every platform, for testing), or "xla" (plain `lax.conv_general_dilated`, no custom VJP,
+and Flax's own bias add instead of `add_bias`). Scope it with
+`numerics.use(conv_grads=...)`; the environment variable `DFKD_CONV_GRADS` sets the default.
 
 The models of this package (`lenet`, `resnet_cifar`, `mobilenetv2`,
 `generators`, `vae`, `convnet`) build their convolutions with `Conv`, i.e.
@@ -45,7 +45,6 @@ numerics are those of `nn.Conv` (tests/test_conv.py).
 
 from collections.abc import Sequence
 import functools
-import os
 
 import flax.linen as nn
 from flax.linen import dtypes as flax_dtypes
@@ -53,39 +52,17 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from dfkd_jax import numerics as numerics_lib
 from dfkd_jax.models import norm as norm_lib
 
-MODES = ("auto", "canonical", "xla")
 COL2IM_MAX_CHANNELS = 3  # the input gradient as matmul + col2im up to this many input channels
 COL2IM_SMALL_OUTPUT = True  # ... and for outputs smaller than the kernel
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _ONES = (1, 1)
 
-_mode = "auto"
-
-
-def set_conv_grads(mode: str) -> None:
-  """Selects how convolution gradients are emitted (see the module docstring).
-
-  Takes effect for functions traced afterwards (a jitted function already
-  compiled keeps its mode).
-
-  Args:
-    mode: "auto", "canonical" or "xla".
-
-  Raises:
-    ValueError: for any other mode.
-  """
-  global _mode
-  if mode not in MODES:
-    raise ValueError(f"conv grads mode must be one of {MODES}, got {mode!r} "
-                     "(check the DFKD_CONV_GRADS environment variable).")
-  _mode = mode
-
-
-def get_conv_grads() -> str:
-  """The current mode: "auto", "canonical" or "xla"."""
-  return _mode
+def _mode() -> str:
+  """The conv-gradient mode in scope (`dfkd_jax.numerics`), read when a model is traced."""
+  return numerics_lib.current().conv_grads
 
 
 def _nhwc_conv(x, w, strides, padding, **kwargs):
@@ -205,7 +182,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   float32 NHWC/HWIO convolutions get the custom VJP described in the module
   docstring, everything else is passed through.
   """
-  plain = (_mode != "xla" and _is_nhwc(dimension_numbers, lhs.ndim)
+  plain = (_mode() != "xla" and _is_nhwc(dimension_numbers, lhs.ndim)
            and tuple(lhs_dilation or _ONES) == _ONES and tuple(rhs_dilation or _ONES) == _ONES
            and feature_group_count == 1 and batch_group_count == 1
            and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
@@ -220,7 +197,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _conv(lhs, rhs, strides, padding, _mode == "canonical")
+  return _conv(lhs, rhs, strides, padding, _mode() == "canonical")
 
 
 @jax.custom_vjp
@@ -261,7 +238,7 @@ class _BiasAddedByColumnSums:
 
 def _promote_dtype(*args, dtype=None, inexact=True):
   inputs, kernel, bias = flax_dtypes.promote_dtype(*args, dtype=dtype, inexact=inexact)
-  if (_mode != "xla" and bias is not None and bias.ndim == 1 and inputs.ndim == 4
+  if (_mode() != "xla" and bias is not None and bias.ndim == 1 and inputs.ndim == 4
       and bias.dtype == jnp.float32):
     bias = _BiasAddedByColumnSums(bias)
   return inputs, kernel, bias
@@ -272,4 +249,3 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated,
 Conv.__doc__ = ("`flax.linen.Conv` with `conv_general_dilated` (CPU-fast gradients in loops) "
                 "and a bias whose gradient is a column sum (`add_bias`).")
 
-set_conv_grads(os.environ.get("DFKD_CONV_GRADS", "auto"))

@@ -19,8 +19,9 @@ on CPU and `jnp.sum` on other platforms (chosen at lowering time with
 the terms for cotangents of the returned batch mean and variance. Anything
 outside the plain case (evaluation mode, masks, `axis_name`, a feature axis
 other than the last, non-float32 inputs or dtypes, exact variance) is
-`flax.linen.BatchNorm` itself, unchanged; so is every call after
-`set_batch_norm("xla")` (or `DFKD_BATCH_NORM=xla` at import). Being a subclass,
+`flax.linen.BatchNorm` itself, unchanged; so is every call traced under
+`numerics.use(batch_norm="xla")` (`DFKD_BATCH_NORM=xla` in the environment sets
+that default). Being a subclass,
 it is found by `dfkd_jax.bn_stats.capture_bn_inputs` like any `nn.BatchNorm`.
 Forward-mode autodiff (`jax.jvp`) is not defined for a custom-VJP function; the
 library never uses it.
@@ -29,35 +30,17 @@ library never uses it.
 from __future__ import annotations
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
 
-MODES = ("auto", "xla")
-_mode = "auto"
+from dfkd_jax import numerics as numerics_lib
 
-
-def set_batch_norm(mode: str) -> None:
-  """Selects the training-mode BatchNorm: "auto" (`batch_norm_train`) or "xla" (Flax's own).
-
-  Takes effect for functions traced afterwards.
-
-  Raises:
-    ValueError: for any other mode.
-  """
-  global _mode
-  if mode not in MODES:
-    raise ValueError(f"batch norm mode must be one of {MODES}, got {mode!r} "
-                     "(check the DFKD_BATCH_NORM environment variable).")
-  _mode = mode
-
-
-def get_batch_norm() -> str:
-  """The current mode: "auto" or "xla"."""
-  return _mode
+def _mode() -> str:
+  """The BatchNorm mode in scope (`dfkd_jax.numerics`), read when a model is traced."""
+  return numerics_lib.current().batch_norm
 
 
 def _dot_sums(a: jax.Array) -> jax.Array:
@@ -123,7 +106,7 @@ class BatchNorm(nn.BatchNorm):
     use_ra = nn.merge_param("use_running_average", self.use_running_average,
                             use_running_average)
     last = self.axis in (-1, x.ndim - 1)
-    plain = (_mode == "auto" and not use_ra and mask is None and self.axis_name is None and last
+    plain = (_mode() == "auto" and not use_ra and mask is None and self.axis_name is None and last
              and self.use_fast_variance and self.force_float32_reductions
              and x.dtype == jnp.float32 and self.dtype in (None, jnp.float32)
              and self.param_dtype == jnp.float32)
@@ -143,4 +126,3 @@ class BatchNorm(nn.BatchNorm):
     return y
 
 
-set_batch_norm(os.environ.get("DFKD_BATCH_NORM", "auto"))

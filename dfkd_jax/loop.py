@@ -1,0 +1,230 @@
+"""The one training loop of every mode: supervised (teacher, scratch, kd_real, kd_condensed) and
+every data-free method.
+
+A mode brings a jitted, donated step (`jit_step`), an evaluation and its schedule (`Schedule`);
+`run` does the rest once for all of them: config.json, checkpoint/restore (the frozen teacher is
+not stored, only its sha256, and resuming with another teacher is an error), the NaN guard (the
+finiteness of every metric is folded into a device scalar and checked at log, eval and checkpoint
+time, so a bad state is never checkpointed), logging and progress, the training clock
+(compilation included; evaluations, pictures and checkpoints excluded), an optional wall-clock
+budget, and closing everything on the way out. The test split is only reported, never used to
+choose anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfkd_jax import checkpointing
+from dfkd_jax import compile as compile_lib
+from dfkd_jax import logging_utils
+from dfkd_jax import numerics as numerics_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss became NaN/inf; the last good checkpoint is kept."""
+
+
+def _finite(metrics) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def jit_step(step: Callable, max_traces: int = 1):
+  """`step(state, *args) -> (state, metrics)` jitted with the state donated, retracing
+  asserted (`chex.assert_max_traces`) and `metrics["finite"]` added for the NaN guard."""
+
+  def wrapped(state, *args):
+    state, metrics = step(state, *args)
+    metrics = dict(metrics)
+    metrics["finite"] = _finite(metrics)
+    return state, metrics
+
+  return compile_lib.jit(chex.assert_max_traces(wrapped, max_traces), donate_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """When the loop logs, evaluates and checkpoints (in steps), and its optional time budget."""
+  name: str
+  num_steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  max_to_keep: int = 2
+  # > 0: stop after this many seconds of training (compilation included, evaluation
+  # excluded), evaluate and finish; a sync per step, so only for benchmarks.
+  time_budget_s: float = 0.0
+
+
+@dataclasses.dataclass
+class Result:
+  """What a run produced: the final state, its history and the loop's own measurements."""
+  state: Any
+  history: dict
+  steps: int
+  compile_seconds: float | None
+  steps_per_second: float | None
+  stopped_by_time_budget: bool
+
+  def common_summary(self) -> dict:
+    """The summary.json fields every mode shares."""
+    h = self.history
+    peak = None
+    try:
+      peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # pylint: disable=broad-except  (backends without memory stats)
+      pass
+    return {
+        "accuracy_series": h["accuracy"], "eval_steps": h["eval_steps"],
+        "agreement_series": h["agreement"],
+        "train_seconds": h["train_seconds"], "eval_seconds": h["eval_seconds"],
+        "eval_clock_seconds": h["eval_clock"], "clock_seconds": h.get("clock_seconds"),
+        "stopped_by_time_budget": self.stopped_by_time_budget,
+        "compile_seconds": self.compile_seconds, "peak_bytes": peak,
+        "numerics": numerics_lib.current().to_dict(),
+    }
+
+
+def new_history() -> dict:
+  return {"eval_steps": [], "accuracy": [], "agreement": [], "train_seconds": 0.0,
+          "eval_seconds": 0.0, "eval_clock": []}
+
+
+def run(schedule: Schedule, state, step_fn: Callable, evaluate: Callable, workdir: str, *,
+        config_json: str, teacher_sha256: str | None = None,
+        on_eval: Callable | None = None, print_keys: Callable | None = None) -> Result:
+  """Trains `state` for `schedule.num_steps` steps in `workdir`, resuming from its checkpoint.
+
+  Args:
+    schedule: the step counts and budget.
+    state: the initial state, placed on the mesh; its frozen `state.teacher` (None when the mode
+      has none) is not checkpointed and is put back after a restore.
+    step_fn: `step_fn(state, it) -> (state, metrics)` for the 0-based step `it`: a host-side
+      closure around a `jit_step` (so it may feed per-epoch arguments; it must not sync).
+    evaluate: `evaluate(state) -> {"accuracy": %, "agreement": % (optional)}`.
+    workdir: the run folder (config.json, checkpoints/, metrics.jsonl).
+    config_json: the resolved config, written as config.json.
+    teacher_sha256: its sha256, stored in every checkpoint and checked on resume.
+    on_eval: `on_eval(state, it, logger)` after each evaluation (pictures), off the clock.
+    print_keys: `print_keys(metrics) -> keys` printed on the progress line (default: the first
+      6 but the NaN guard's `finite`).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config_json)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), schedule.max_to_keep)
+  history = new_history()
+  teacher = state.teacher
+  if ckpt.latest_step() is not None:
+    restored, meta = ckpt.restore(state.replace(teacher=None))
+    history = {**history, **meta}
+    saved = history.get("teacher_sha256")
+    if teacher_sha256 and saved and saved != teacher_sha256:
+      ckpt.close()
+      raise checkpointing.CheckpointError(
+          f"The checkpoint in {ckpt.directory} was trained from the teacher with sha256 "
+          f"{saved[:12]}…, but config.teacher.workdir now holds {teacher_sha256[:12]}…. Point "
+          "config.teacher.workdir at the original teacher, or use a new --workdir.")
+    state = restored.replace(teacher=teacher)
+    print(f"Resumed from step {int(state.step)} ({workdir}/checkpoints).", flush=True)
+  history["teacher_sha256"] = teacher_sha256
+  logger = logging_utils.RunLogger(workdir, schedule.num_steps, name=schedule.name)
+
+  def save(it):
+    ckpt.save(it, state.replace(teacher=None), history)
+
+  budget = float(schedule.time_budget_s or 0.0)
+  clock = {"t0": None, "base": 0.0, "excluded": 0.0}
+
+  def train_clock() -> float:
+    """Seconds of training so far, summed over resumed segments of the run."""
+    if clock["t0"] is None:
+      return clock["base"]
+    return clock["base"] + time.perf_counter() - clock["t0"] - clock["excluded"]
+
+  def do_eval(it):
+    t0 = time.perf_counter()
+    ev = evaluate(state)
+    history["eval_clock"].append(round(train_clock() - (time.perf_counter() - t0), 3))
+    history["eval_steps"].append(it)
+    history["accuracy"].append(ev["accuracy"])
+    history["agreement"].append(ev.get("agreement"))
+    history["eval_seconds"] += time.perf_counter() - t0
+    logger.write(it, {"test/accuracy": ev["accuracy"], **(
+        {"test/teacher_agreement": ev["agreement"]} if "agreement" in ev else {})})
+
+  def check_finite(it, finite, metrics):
+    if not bool(finite):
+      ckpt.wait()
+      last = ckpt.latest_step()
+      bad = {k: float(v) for k, v in jax.device_get(metrics).items()
+             if np.ndim(v) == 0 and not np.isfinite(v)}
+      raise NonFiniteLossError(
+          f"Non-finite loss by step {it} ({bad or 'an earlier step'}); the run is stopped. "
+          f"Last good checkpoint: {last if last is not None else 'none'} in {ckpt.directory}. "
+          "Lower the learning rates or loss weights and resume.")
+
+  s = schedule
+  it = int(state.step)
+  finite = jnp.array(True)
+  t_compile = None
+  t_start = time.perf_counter()
+  clock.update(t0=t_start, base=float(history.get("clock_seconds", 0.0)))
+  stopped_early = False
+  try:
+    while it < s.num_steps:
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, it)
+      finite = jnp.logical_and(finite, metrics["finite"])
+      it += 1
+      if t_compile is None:
+        jax.block_until_ready(metrics)
+        t_compile = time.perf_counter() - t0
+        logger.start(it)
+      if budget:
+        # A wall-clock budget needs the device to have finished: one sync per step, only in
+        # runs with a time budget (benchmarks).
+        jax.block_until_ready(metrics)
+        stopped_early = train_clock() >= budget and it < s.num_steps
+      last = it == s.num_steps or stopped_early
+      if it % s.log_every == 0 or last:
+        check_finite(it, finite, metrics)
+        logger.write(it, jax.device_get(metrics), print_keys=(
+            print_keys(metrics) if print_keys else [k for k in metrics if k != "finite"][:6]))
+      t_side = time.perf_counter()  # evaluation, pictures, checkpoints: off the train clock
+      if it % s.eval_every == 0 or last:
+        check_finite(it, finite, metrics)
+        do_eval(it)
+        if on_eval is not None:
+          on_eval(state, it, logger)
+      if (it % s.checkpoint_every == 0) and not last:
+        check_finite(it, finite, metrics)
+        history["train_seconds"] += time.perf_counter() - t_start
+        t_start = time.perf_counter()
+        history["clock_seconds"] = train_clock()
+        save(it)
+      clock["excluded"] += time.perf_counter() - t_side
+      if stopped_early:
+        print(f"[{s.name}] time budget of {budget:.0f} s reached at step {it} of "
+              f"{s.num_steps}.", flush=True)
+        break
+    if not history["eval_steps"] or history["eval_steps"][-1] != it:
+      do_eval(it)  # a resumed finished run without its last evaluation
+    history["train_seconds"] += time.perf_counter() - t_start
+    history["clock_seconds"] = train_clock()
+    if ckpt.latest_step() != it:
+      save(it)
+  finally:
+    ckpt.close()
+    logger.close()
+  return Result(state=state, history=history, steps=it, compile_seconds=t_compile,
+                steps_per_second=logger.rate(it) if t_compile is not None else None,
+                stopped_by_time_budget=stopped_early)

@@ -39,9 +39,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dfkd_jax import augment  # noqa: E402
-from dfkd_jax import demo  # noqa: E402
-from dfkd_jax import distill  # noqa: E402
+from dfkd_jax.ops import augment  # noqa: E402
+from dfkd_jax.cli import demo  # noqa: E402
+from dfkd_jax.train import distill  # noqa: E402
 from dfkd_jax import models  # noqa: E402
 from dfkd_jax import numerics as numerics_lib  # noqa: E402
 from dfkd_jax import parallel  # noqa: E402
@@ -87,7 +87,6 @@ def variant_settings(index: int):
 
 def build(pair: str, method: str, args, index: int):
   """(step, state, compile seconds) of variant `index`, compiled under its settings."""
-  import chex  # pylint: disable=g-import-not-at-top
   config_file, teacher_name = PAIRS[pair]
   config = demo.load_config(os.path.join(ROOT, "configs", config_file), f"method={method}")
   config.distill.batch_size = args.batch
@@ -101,14 +100,10 @@ def build(pair: str, method: str, args, index: int):
   module = models.get_model(teacher_name, num_classes=10)
   params, bs = state_lib.init_model(module, jax.random.key(1), jnp.zeros((1, *SHAPE)))
   teacher = state_lib.FrozenModel(params=params, batch_stats=bs, apply_fn=module.apply)
-  chex.clear_trace_counter()
   mesh = parallel.make_mesh(1)
   with variant_settings(index):
-    _, method_obj, _ = distill.build(config, mesh=mesh, teacher=teacher, image_shape=SHAPE,
-                                     num_classes=10)
-    method_obj = distill.wrap_step(method_obj)
-    state = distill.place_state(method_obj.init(jax.random.key(0)), mesh)
-    step = distill.make_step(method_obj)
+    _, step, state, _ = distill.assemble(config, mesh=mesh, teacher=teacher, image_shape=SHAPE,
+                                         num_classes=10, seed=0)
     t0 = time.perf_counter()
     state, metrics = step(state)
     jax.block_until_ready((state, metrics))

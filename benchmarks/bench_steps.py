@@ -45,12 +45,12 @@ _early_devices(sys.argv[1:])
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dfkd_jax import distill  # noqa: E402
+from dfkd_jax.train import distill  # noqa: E402
 from dfkd_jax import models  # noqa: E402
 from dfkd_jax import numerics as numerics_lib  # noqa: E402
 from dfkd_jax import parallel  # noqa: E402
 from dfkd_jax import state as state_lib  # noqa: E402
-from dfkd_jax import demo  # noqa: E402
+from dfkd_jax.cli import demo  # noqa: E402
 
 PAIRS = {
     "lenet": ("configs/fashion_mnist_lenet5.py", "lenet5_bn", "lenet5_half_bn", (32, 32, 1)),
@@ -80,11 +80,8 @@ def time_method(pair: str, method: str, batch: int, repeats: int, ngf: int, di_i
   params, bs = state_lib.init_model(t_module, jax.random.key(1), jnp.zeros((1, *shape)))
   teacher = state_lib.FrozenModel(params=params, batch_stats=bs, apply_fn=t_module.apply)
   mesh = parallel.make_mesh()
-  ctx, method_obj, _ = distill.build(config, mesh=mesh, teacher=teacher, image_shape=shape,
-                                     num_classes=10)
-  method_obj = distill.wrap_step(method_obj)
-  state = distill.place_state(method_obj.init(jax.random.key(0)), mesh)
-  step = distill.make_step(method_obj)
+  ctx, step, state, _ = distill.assemble(config, mesh=mesh, teacher=teacher, image_shape=shape,
+                                         num_classes=10, seed=0)
   t0 = time.perf_counter()
   state, m = step(state)
   jax.block_until_ready(m)

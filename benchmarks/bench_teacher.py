@@ -19,12 +19,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dfkd_jax import demo  # noqa: E402
+from dfkd_jax.cli import demo  # noqa: E402
 from dfkd_jax import models  # noqa: E402
 from dfkd_jax import optim  # noqa: E402
 from dfkd_jax import parallel  # noqa: E402
 from dfkd_jax import state as state_lib  # noqa: E402
-from dfkd_jax import supervised  # noqa: E402
+from dfkd_jax.train import supervised  # noqa: E402
 from dfkd_jax.data import datasets  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")

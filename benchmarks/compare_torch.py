@@ -100,8 +100,8 @@ try:
 except ImportError as e:  # pragma: no cover
   raise SystemExit("compare_torch.py needs PyTorch: pip install -e '.[bench]'") from e
 
-from dfkd_jax import demo  # noqa: E402
-from dfkd_jax import distill  # noqa: E402
+from dfkd_jax.cli import demo  # noqa: E402
+from dfkd_jax.train import distill  # noqa: E402
 from dfkd_jax import models  # noqa: E402
 from dfkd_jax import numerics as numerics_lib  # noqa: E402
 from dfkd_jax import optim  # noqa: E402

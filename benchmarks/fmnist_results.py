@@ -4,13 +4,13 @@ over seeds.
 
   python benchmarks/fmnist_results.py --teacher runs/demo/teacher --out runs/results \
       [--seeds 0,1,2] [--only base,condensed_ipc10] [--dry_run]
-  python -m dfkd_jax.report runs/results/*/* --out_md benchmarks/results_fmnist.md \
+  python -m dfkd_jax.io.report runs/results/*/* --out_md benchmarks/results_fmnist.md \
       --out_png benchmarks/results_fmnist.png
 
 Equal budget (CPU-sized): 160 student updates of 128 synthetic images per run, about 8
 evaluations on the full test set. DAFL: 160 fused iterations; DFAD / MB-DFKD / PRE-DFKD: 32
 iterations x 5 student steps; DeepInversion: 8 rounds of 100 pixel steps x 20 student steps.
-Condensed sets (made with `python -m dfkd_jax.condense`, see --condensed_dir): DM IPC 1 and
+Condensed sets (made with `python -m dfkd_jax.condensation.condense`, see --condensed_dir): DM IPC 1 and
 10, few-shot k = 10. Finished runs (summary.json present) are skipped; a killed run resumes.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
-  from dfkd_jax import demo  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.cli import demo  # pylint: disable=g-import-not-at-top
   from dfkd_jax import train  # pylint: disable=g-import-not-at-top
   seeds = [int(s) for s in args.seeds.split(",")]
   runs = plan(args.teacher, args.condensed_dir, seeds, set(filter(None, args.only.split(","))))

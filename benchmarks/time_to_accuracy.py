@@ -42,7 +42,7 @@ POINTS = (60, 120, 300, 600, 900)
 def load_config(path: str, arg: str, overrides=()):
   """The config file's `get_config(arg)` with the `--set field.path=value` overrides applied."""
   from dfkd_jax import config_blocks  # pylint: disable=g-import-not-at-top
-  from dfkd_jax import demo  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.cli import demo  # pylint: disable=g-import-not-at-top
   config = demo.load_config(path, arg)
   for item in overrides:
     config_blocks.set_dotted(config, item)
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
       return 2
   if not os.path.exists(os.path.join(args.teacher, "model.json")) and not os.path.isdir(
       args.teacher):
-    print(f"error: no teacher in {args.teacher}; train one with `python -m dfkd_jax.main "
+    print(f"error: no teacher in {args.teacher}; train one with `python -m dfkd_jax.cli.main "
           f"--config={os.path.relpath(args.config, ROOT)}:method=teacher "
           f"--workdir={args.teacher}`.", file=sys.stderr)
     return 2

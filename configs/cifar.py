@@ -6,12 +6,12 @@ datasets come through TFDS (`cifar10`, `cifar100`; prepare them with `tfds build
 that can download them, then point `data_dir` at the copy).
 
 Teacher (200 epochs, SGD 0.1 cosine, random crop + flip):
-  python -m dfkd_jax.main --config=configs/cifar.py:method=teacher,dataset=cifar10,pair=r34_r18 \
+  python -m dfkd_jax.cli.main --config=configs/cifar.py:method=teacher,dataset=cifar10,pair=r34_r18 \
       --workdir=runs/cifar10_r34_r18/teacher
 Fast-2 and NAYER-100 (docs/methods.md §11.5, §12.4; Fast-5/10: add fast_k=5 or fast_k=10):
-  python -m dfkd_jax.main --config=configs/cifar.py:method=fast,dataset=cifar10,pair=r34_r18,teacher_workdir=runs/cifar10_r34_r18/teacher \
+  python -m dfkd_jax.cli.main --config=configs/cifar.py:method=fast,dataset=cifar10,pair=r34_r18,teacher_workdir=runs/cifar10_r34_r18/teacher \
       --workdir=runs/cifar10_r34_r18/fast
-  python -m dfkd_jax.main --config=configs/cifar.py:method=nayer,dataset=cifar100,pair=wrn40_2_wrn16_2,teacher_workdir=runs/cifar100_wrn/teacher \
+  python -m dfkd_jax.cli.main --config=configs/cifar.py:method=nayer,dataset=cifar100,pair=wrn40_2_wrn16_2,teacher_workdir=runs/cifar100_wrn/teacher \
       --workdir=runs/cifar100_wrn/nayer
 Any other data-free method runs at its registry defaults, e.g. method=deepinversion.
 

@@ -103,7 +103,7 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
   # "naive" (condensed samples in the student batches only: the "host + CS" baseline).
   c.guidance = "none"
   c.condensed = ml_collections.ConfigDict(dict(
-      path="",            # .npz from `python -m dfkd_jax.condense` (DM or few-shot)
+      path="",            # .npz from `python -m dfkd_jax.condensation.condense` (DM or few-shot)
       lambda_fa=1.0,      # weight of the feature-alignment term in the synthesis loss
       weight=1.0,         # w_c: weight of the KD loss on condensed samples
       batch=128,          # condensed images per student step (<= |D_c|, drawn with replacement)
@@ -146,7 +146,7 @@ def guidance(c: ml_collections.ConfigDict, mode: str, path: str) -> None:
   if mode != "none":
     if not path:
       raise ValueError(f"guidance={mode} needs a condensed set: add condensed=<file.npz> "
-                       "(make one with `python -m dfkd_jax.condense`).")
+                       "(make one with `python -m dfkd_jax.condensation.condense`).")
     c.condensed.path = path
 
 
@@ -224,7 +224,7 @@ def kd_condensed(c: ml_collections.ConfigDict, path: str) -> None:
   the tiled, DiffAugment-ed condensed images with the teacher's soft labels."""
   if not path:
     raise ValueError("method=kd_condensed needs a condensed set: add condensed=<file.npz> "
-                     "(make one with `python -m dfkd_jax.condense`).")
+                     "(make one with `python -m dfkd_jax.condensation.condense`).")
   c.condensed = ml_collections.ConfigDict(dict(path=path))
   c.augment = "diffaugment"
   c.num_steps = 500

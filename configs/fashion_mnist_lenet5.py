@@ -3,24 +3,24 @@ r"""Fashion-MNIST, LeNet-5 (BatchNorm) teacher -> LeNet-5-half (BatchNorm) stude
 Images are padded from 28x28 to 32x32 (LeNet-5's input size).
 
 Train the teacher (about 1 minute on 2 CPU cores; expect about 89-90% test accuracy):
-  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=teacher \
+  python -m dfkd_jax.cli.main --config=configs/fashion_mnist_lenet5.py:method=teacher \
       --workdir=runs/fashion_mnist_lenet5/teacher
 Upper bounds for the student (real data):
-  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=scratch \
+  python -m dfkd_jax.cli.main --config=configs/fashion_mnist_lenet5.py:method=scratch \
       --workdir=runs/fashion_mnist_lenet5/scratch
-  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=kd_real \
+  python -m dfkd_jax.cli.main --config=configs/fashion_mnist_lenet5.py:method=kd_real \
       --workdir=runs/fashion_mnist_lenet5/kd_real
 Data-free (the teacher is read from teacher_workdir, default runs/fashion_mnist_lenet5/teacher):
-  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=dafl \
+  python -m dfkd_jax.cli.main --config=configs/fashion_mnist_lenet5.py:method=dafl \
       --workdir=runs/fashion_mnist_lenet5/dafl
   (method = dafl | dfad | zskt | deepinversion | adi | mb_dfkd | pre_dfkd)
 Condensed-sample guidance on any data-free method, and its two baselines (make the set first
-with `python -m dfkd_jax.condense --kind dm --ipc 10 --pad_to 32 --out <file>`):
-  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=pre_dfkd,guidance=condensed,condensed=runs/condensed/fmnist_dm_ipc10.npz \
+with `python -m dfkd_jax.condensation.condense --kind dm --ipc 10 --pad_to 32 --out <file>`):
+  python -m dfkd_jax.cli.main --config=configs/fashion_mnist_lenet5.py:method=pre_dfkd,guidance=condensed,condensed=runs/condensed/fmnist_dm_ipc10.npz \
       --workdir=runs/fashion_mnist_lenet5/pre_dfkd_guided
-  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=dfad,guidance=naive,condensed=runs/condensed/fmnist_dm_ipc10.npz \
+  python -m dfkd_jax.cli.main --config=configs/fashion_mnist_lenet5.py:method=dfad,guidance=naive,condensed=runs/condensed/fmnist_dm_ipc10.npz \
       --workdir=runs/fashion_mnist_lenet5/dfad_naive
-  python -m dfkd_jax.main --config=configs/fashion_mnist_lenet5.py:method=kd_condensed,condensed=runs/condensed/fmnist_dm_ipc10.npz \
+  python -m dfkd_jax.cli.main --config=configs/fashion_mnist_lenet5.py:method=kd_condensed,condensed=runs/condensed/fmnist_dm_ipc10.npz \
       --workdir=runs/fashion_mnist_lenet5/kd_condensed
 
 Argument keys: method (teacher|scratch|kd_real|kd_condensed|<data-free method>),

@@ -3,9 +3,9 @@ r"""Fashion-MNIST, ResNet-20 teacher -> ResNet-8 student (the small residual pai
 Images are padded from 28x28 to 32x32. Teacher: 5 epochs, no augmentation: 93.31 % test
 accuracy in about 33 minutes on 2 CPU cores (benchmarks/RESULTS.md).
 
-  python -m dfkd_jax.main --config=configs/fashion_mnist_resnet20.py:method=teacher \
+  python -m dfkd_jax.cli.main --config=configs/fashion_mnist_resnet20.py:method=teacher \
       --workdir=runs/fashion_mnist_resnet20/teacher
-  python -m dfkd_jax.main --config=configs/fashion_mnist_resnet20.py:method=dfad \
+  python -m dfkd_jax.cli.main --config=configs/fashion_mnist_resnet20.py:method=dfad \
       --workdir=runs/fashion_mnist_resnet20/dfad
 
 Argument keys: method, teacher_workdir, tiny, epochs (teacher epochs).

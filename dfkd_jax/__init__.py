@@ -11,18 +11,20 @@ Public functional ops (pure functions, usable in any JAX code):
 
 Importing this package changes no global JAX configuration.
 """
-from dfkd_jax import augment
-from dfkd_jax import bn_stats
-from dfkd_jax import combinators
-from dfkd_jax import losses
-from dfkd_jax import memory
 from dfkd_jax import models
+from dfkd_jax import numerics
 from dfkd_jax import phases
-from dfkd_jax.augment import diff_augment, jitter_flip
-from dfkd_jax.bn_stats import capture_bn_inputs
-from dfkd_jax.combinators import repeat, sequence, when
-from dfkd_jax.losses import (attention_transfer, bn_gauss_kl, bn_l2, dafl_act, dafl_ie, dafl_kd,
-                             dafl_oh, img_l2, js_adv, kd_kl, kl_elem, l1_logits, tv_l2, vae_kl)
+from dfkd_jax.ops import augment
+from dfkd_jax.ops import bn_stats
+from dfkd_jax.ops import buffers
+from dfkd_jax.ops import losses
+from dfkd_jax.ops.augment import diff_augment, jitter_flip
+from dfkd_jax.ops.bn_stats import capture_bn_inputs
+from dfkd_jax.ops.losses import (attention_transfer, bn_gauss_kl, bn_l2, dafl_act, dafl_ie,
+                                 dafl_kd, dafl_oh, img_l2, js_adv, kd_kl, kl_elem, l1_logits,
+                                 tv_l2, vae_kl)
+from dfkd_jax.phases import combinators
+from dfkd_jax.phases.combinators import repeat, sequence, when
 from dfkd_jax.state import DFKDState, FrozenModel, TrainState
 from dfkd_jax.types import Method
 

@@ -15,7 +15,7 @@ Phase = Callable[[Any, PRNGKey], tuple[Any, Metrics]]
 class Method(NamedTuple):
   """A DFKD method: `init(key) -> DFKDState` and `step(state) -> (state, metrics)`.
 
-  `step` runs ONE outer iteration; `train.py` jits it once with the state donated.
+  `step` runs ONE outer iteration; `train.distill.make_step` jits it once with the state donated.
   """
   init: Callable[[PRNGKey], Any]
   step: Callable[[Any], tuple[Any, Metrics]]

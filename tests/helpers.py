@@ -46,7 +46,7 @@ def _abs_config(spec: str) -> str:
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()):
-  """Loads a config as `python -m dfkd_jax.main` does: `--config=<spec>` plus `--config.k=v`.
+  """Loads a config as `python -m dfkd_jax.cli.main` does: `--config=<spec>` plus `--config.k=v`.
 
   Uses a fresh `FlagValues` (the global absl FLAGS are untouched), so any error that the CLI
   would raise while parsing the config or an override is raised here too.
@@ -77,10 +77,10 @@ def tiny_teacher_config(**updates):
 
 
 def docstring_commands(path: str) -> list[list[str]]:
-  """The `python -m dfkd_jax.main ...` commands quoted in a config's module docstring.
+  """The `python -m dfkd_jax.cli.main ...` commands quoted in a config's module docstring.
 
   Backslash-continued lines are joined; each command is returned as its argv (after `-m
-  dfkd_jax.main`).
+  dfkd_jax.cli.main`).
   """
   with open(path, encoding="utf-8") as f:
     text = f.read()
@@ -91,7 +91,7 @@ def docstring_commands(path: str) -> list[list[str]]:
   commands = []
   for line in joined.splitlines():
     line = line.strip()
-    if line.startswith("python -m dfkd_jax.main"):
+    if line.startswith("python -m dfkd_jax.cli.main"):
       commands.append(shlex.split(line)[3:])
   return commands
 

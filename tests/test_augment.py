@@ -1,11 +1,12 @@
-"""Tests of dfkd_jax.augment: shapes, determinism, randomness, differentiability, invertibility."""
+"""Tests of dfkd_jax.ops.augment: shapes, determinism, randomness, differentiability,
+invertibility."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import augment
+from dfkd_jax.ops import augment
 
 
 def _images(c=3, b=4, h=8, w=8, seed=0):

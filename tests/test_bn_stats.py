@@ -1,4 +1,4 @@
-"""Tests of dfkd_jax.bn_stats.capture_bn_inputs on small conv + BatchNorm models."""
+"""Tests of dfkd_jax.ops.bn_stats.capture_bn_inputs on small conv + BatchNorm models."""
 
 import flax
 import flax.linen as nn
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dfkd_jax import bn_stats
-from dfkd_jax import losses
+from dfkd_jax.ops import bn_stats
+from dfkd_jax.ops import losses
 
 
 class Block(nn.Module):

@@ -1,4 +1,5 @@
-"""Tests of `dfkd_jax.checkpointing`: exact round trips and clear errors for damaged checkpoints."""
+"""Tests of `dfkd_jax.io.checkpointing`: exact round trips and clear errors for damaged
+checkpoints."""
 import gc
 import os
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import checkpointing
+from dfkd_jax.io import checkpointing
 
 # A failed Orbax restore leaves read coroutines behind; collecting them is noisy but harmless.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

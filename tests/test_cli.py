@@ -1,4 +1,4 @@
-"""`python -m dfkd_jax.main`: --help, the modes (train / evaluate / condense) and their errors.
+"""`python -m dfkd_jax.cli.main`: --help, the modes (train / evaluate / condense) and their errors.
 
 (Config-override errors of mode=train are tested in test_configs.py.)
 """
@@ -10,10 +10,10 @@ import subprocess
 import pytest
 
 import helpers
-from dfkd_jax import model_io
+from dfkd_jax.io import model_io
 from dfkd_jax import train
 
-MAIN = "dfkd_jax.main"
+MAIN = "dfkd_jax.cli.main"
 TINY_TEACHER = os.path.join(helpers.REPO_ROOT, helpers.TEACHER_CONFIG) + ":method=teacher,tiny"
 
 
@@ -150,7 +150,7 @@ def test_evaluate_teacher_with_another_input_shape_is_rejected(tiny_teacher, tmp
 def test_condense_passes_the_arguments_after_double_dash():
   proc = helpers.run_cli(MAIN, "--mode=condense", "--", "--help", timeout=120)
   assert proc.returncode == 0, proc.stderr
-  assert "--ipc" in proc.stdout and "--kind" in proc.stdout  # dfkd_jax.condense's own help
+  assert "--ipc" in proc.stdout and "--kind" in proc.stdout  # dfkd_jax.condensation.condense's own help
   proc = helpers.run_cli(MAIN, "--mode=condense", "--", "--kind", "bogus", timeout=120)
   assert proc.returncode == 2 and "bogus" in proc.stderr
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import combinators
+from dfkd_jax.phases import combinators
 
 
 def _add(amount, name="value"):

@@ -97,7 +97,7 @@ def test_resnet_forward_matches_torch():
   both BN modes, and the BN-statistics hooks see the JAX BN loss's layers in its call order."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dfkd_jax import bn_stats  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.ops import bn_stats  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)
   teacher = compare_torch.random_teacher(perturb_stats=True, pair="resnet")
   net = compare_torch.torch_model("resnet20")

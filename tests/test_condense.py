@@ -1,5 +1,5 @@
 """Tests of dataset condensation: DSA, ConvNet-3, Distribution Matching, few-shot sampling, the
-condensed-set file format and its loader, and the `python -m dfkd_jax.condense` CLI."""
+condensed-set file format and its loader, and the `python -m dfkd_jax.condensation.condense` CLI."""
 
 import json
 import os
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import augment
-from dfkd_jax import condense
-from dfkd_jax import condensed
+from dfkd_jax.ops import augment
+from dfkd_jax.condensation import condense
+from dfkd_jax.condensation import condensed_set as condensed
 from dfkd_jax import models
 from dfkd_jax.data import datasets
 from dfkd_jax.models import convnet
@@ -281,7 +281,8 @@ def test_loader_class_count_and_label_range(tmp_path):
 
 
 def test_loader_missing_file_and_not_npz(tmp_path):
-  with pytest.raises(condensed.CondensedDataError, match=r"does not exist.*dfkd_jax.condense"):
+  with pytest.raises(condensed.CondensedDataError,
+                     match=r"does not exist.*dfkd_jax.condensation.condense"):
     condensed.load_condensed(str(tmp_path / "nope.npz"))
   text = tmp_path / "text.npz"
   text.write_text("hello")
@@ -320,8 +321,8 @@ def test_loader_missing_keys_and_bad_arrays(tmp_path):
 def test_cli_dm_end_to_end(tmp_path):
   helpers.require_fashion_mnist()
   out = str(tmp_path / "c.npz")
-  proc = helpers.run_cli("dfkd_jax.condense", "--kind", "dm", "--ipc", "1", "--iters", "3",
-                         "--train_limit", "512", "--pad_to", "32", "--out", out)
+  proc = helpers.run_cli("dfkd_jax.condensation.condense", "--kind", "dm", "--ipc", "1",
+                         "--iters", "3", "--train_limit", "512", "--pad_to", "32", "--out", out)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "it/s, ETA" in proc.stdout
   images, labels, meta = condensed.load_condensed(out, image_shape=(32, 32, 1), num_classes=10)

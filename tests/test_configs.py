@@ -58,7 +58,7 @@ def test_unknown_config_argument_lists_valid_keys(path):
 @pytest.mark.parametrize("path", helpers.config_files(), ids=_CONFIG_IDS)
 def test_docstring_commands_parse(path):
   commands = helpers.docstring_commands(path)
-  assert commands, f"{path}: no 'python -m dfkd_jax.main' command in its docstring"
+  assert commands, f"{path}: no 'python -m dfkd_jax.cli.main' command in its docstring"
   for argv in commands:
     config_flags = [a for a in argv if a.startswith("--config")]
     others = [a for a in argv if not a.startswith("--config")]
@@ -72,7 +72,7 @@ def test_docstring_commands_parse(path):
 
 def test_cli_rejects_unknown_override(tmp_path):
   proc = helpers.run_cli(
-      "dfkd_jax.main", f"--config={helpers.TEACHER_CONFIG}:method=teacher,tiny",
+      "dfkd_jax.cli.main", f"--config={helpers.TEACHER_CONFIG}:method=teacher,tiny",
       "--config.nonexistent=1", f"--workdir={tmp_path / 'run'}", timeout=120)
   assert proc.returncode != 0
   assert "nonexistent" in proc.stderr
@@ -81,7 +81,7 @@ def test_cli_rejects_unknown_override(tmp_path):
 
 def test_cli_rejects_unknown_method(tmp_path):
   proc = helpers.run_cli(
-      "dfkd_jax.main", f"--config={helpers.TEACHER_CONFIG}:method=bogus,tiny",
+      "dfkd_jax.cli.main", f"--config={helpers.TEACHER_CONFIG}:method=bogus,tiny",
       f"--workdir={tmp_path / 'run'}", timeout=180)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "Unknown method" in proc.stderr

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import augment
+from dfkd_jax.ops import augment
 from dfkd_jax import models
 from dfkd_jax import numerics
 from dfkd_jax.models import conv as conv_lib

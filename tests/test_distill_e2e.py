@@ -18,10 +18,10 @@ import time
 
 import pytest
 
-from dfkd_jax import checkpointing
-from dfkd_jax import distill
+from dfkd_jax.io import checkpointing
+from dfkd_jax.train import distill
 from dfkd_jax import methods
-from dfkd_jax import model_io
+from dfkd_jax.io import model_io
 from dfkd_jax import numerics
 from dfkd_jax import train
 from dfkd_jax.data import datasets
@@ -115,7 +115,7 @@ def test_tiny_run_writes_summary_pictures_and_student(method, distill_run, teach
 def _cli(args, env_extra=None):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 1 device unless set
   env.update(env_extra or {})
-  return [sys.executable, "-m", "dfkd_jax.main", *args], env
+  return [sys.executable, "-m", "dfkd_jax.cli.main", *args], env
 
 
 def _resume_args(teacher_dir, workdir):
@@ -215,7 +215,8 @@ def test_mb_dfkd_resume_with_a_partly_filled_bank_is_exact(teacher_dir, tmp_path
 
 def _condensed_set(tmp_path):
   """A few-shot set (2 real training images per class) in the teacher's input space."""
-  from dfkd_jax import condensed  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from dfkd_jax.condensation import condensed_set as condensed
   import numpy as np  # pylint: disable=g-import-not-at-top
   x, y = datasets.load_split("fashion_mnist", "train", None, 32, limit=512)
   idx = np.concatenate([np.flatnonzero(y == k)[:2] for k in range(10)])

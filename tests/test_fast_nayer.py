@@ -1,7 +1,7 @@
 """Fast-DFKD and NAYER: their generators, losses, bn_mmt memory, label embeddings, and the
 method-specific behaviour of their jitted steps (warm-up, pool growth, generator life).
 
-The generic method tests (tests/test_methods.py, tests/test_distill_e2e.py) already run both
+The generic method tests (tests/steps.py, tests/test_distill_e2e.py) already run both
 hosts through the registry; these tests check what is particular to them.
 """
 import chex
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_methods
-from dfkd_jax import distill
-from dfkd_jax import losses
+import steps
+from dfkd_jax.train import distill
+from dfkd_jax.ops import losses
 from dfkd_jax import models
 from dfkd_jax import phases
 from dfkd_jax.methods import base
@@ -121,7 +121,7 @@ def test_label_embeddings(tmp_path):
 
 
 def test_pixel_normalisation_needs_stats_for_an_unknown_dataset():
-  config = test_methods.tiny_config("fast")
+  config = steps.tiny_config("fast")
   assert base.pixel_normalisation(config) == (MEAN, STD)
   config.dataset = "my_scans"
   with pytest.raises(ValueError, match="pixel_mean"):
@@ -132,22 +132,22 @@ def test_pixel_normalisation_needs_stats_for_an_unknown_dataset():
 
 @pytest.mark.parametrize("method,per_iter", [("fast", 1), ("nayer", 1)])
 def test_pool_grows_by_the_kept_batches(method, per_iter):
-  r = test_methods.run(method)
+  r = steps.run(method)
   b = r.config.distill.batch_size
   capacity = r.states[0].pool.capacity
   assert [int(s.pool.count) for s in r.states] == [
-      min(i * per_iter * b, capacity) for i in range(test_methods.STEPS + 1)]
+      min(i * per_iter * b, capacity) for i in range(steps.STEPS + 1)]
   assert np.abs(r.states[1].pool.images[:b]).sum() > 0
   # The bn_mmt memory is recorded after the first synthesis.
   assert not bool(r.states[0].method_state["ready"]) and bool(r.states[1].method_state["ready"])
 
 
 def _run_with(method, steps=3, student_steps=None, **block):
-  config = test_methods.tiny_config(method)
+  config = steps.tiny_config(method)
   config[method].update(block)
   if student_steps:
     config.distill.student_steps = student_steps
-  ctx, m = test_methods.build(method, config=config)
+  ctx, m = steps.build(method, config=config)
   state = distill.place_state(m.init(jax.random.key(0)), ctx.mesh)
   chex.clear_trace_counter()
   step = distill.make_step(m)  # advances state.step; the state is donated
@@ -168,8 +168,8 @@ _UPDATES = {}
 def test_warmup_skips_the_student_and_the_adversarial_term(method):
   config, out = _run_with(method, steps=2, warmup=1)
   (b0, a0, m0), (b1, a1, m1) = out
-  assert test_methods.tree_equal(b0, a0)          # iteration 0: warm-up, student untouched
-  assert not test_methods.tree_equal(b1, a1)      # iteration 1: the student trains
+  assert steps.tree_equal(b0, a0)          # iteration 0: warm-up, student untouched
+  assert not steps.tree_equal(b1, a1)      # iteration 1: the student trains
   w = config.loss
   during = w.bn * m0["synth/bn"] + w.ce * m0["synth/ce"]
   np.testing.assert_allclose(m0["synth/loss"], during, rtol=1e-5)  # no adv during warm-up
@@ -202,7 +202,7 @@ def test_nayer_chunked_synthesis_trains():
 
 
 def test_fast_meta_step_moves_the_meta_generator():
-  r = test_methods.run("fast")
+  r = steps.run("fast")
   m = r.metrics[0]
   assert float(m["synth/meta_grad_norm"]) > 0
   # The kept batch is the lowest-loss one, so its loss is at most the last step's.
@@ -216,14 +216,14 @@ def test_fast_meta_step_moves_the_meta_generator():
     ("nayer", "pool_size", 8, "pool_size"),
 ])
 def test_bad_settings_are_clear_errors(method, key, value, match):
-  config = test_methods.tiny_config(method)
+  config = steps.tiny_config(method)
   config[method][key] = value
   with pytest.raises(ValueError, match=match):
-    test_methods.build(method, config=config)
+    steps.build(method, config=config)
 
 
 def test_student_steps_must_fill_whole_chunks():
-  config = test_methods.tiny_config("fast")
+  config = steps.tiny_config("fast")
   config.distill.student_steps, config.fast.student_chunk = 4, 3
   with pytest.raises(ValueError, match="multiple of student_chunk=3"):
-    test_methods.build("fast", config=config)
+    steps.build("fast", config=config)

@@ -11,15 +11,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dfkd_jax import condensed as condensed_lib
-from dfkd_jax import distill
-from dfkd_jax import guidance
+from dfkd_jax.condensation import condensed_set as condensed_lib
+from dfkd_jax.train import distill
+from dfkd_jax.phases import guidance
 from dfkd_jax.models import discriminator as disc_lib
 
-import test_methods
-from test_methods import IMAGE_SHAPE, NUM_CLASSES, tree_equal
+from dfkd_jax import state as state_lib
+import steps
+from steps import IMAGE_SHAPE, NUM_CLASSES, tree_equal
 
-HOSTS = test_methods.METHODS  # every registered host takes guidance
+HOSTS = steps.METHODS  # every registered host takes guidance
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def condensed_file(tmp_path_factory):
 
 
 def guided_config(method, mode, path):
-  c = test_methods.tiny_config(method)
+  c = steps.tiny_config(method)
   c.guidance = mode
   c.condensed.path = path
   return c
@@ -47,12 +48,12 @@ def stepped(method, mode, path):
   key = (method, mode)
   if key not in _STEPPED:
     c = guided_config(method, mode, path)
-    ctx, m = test_methods.build(method, num_devices=1, config=c)
+    ctx, m = steps.build(method, num_devices=1, config=c)
     state = distill.place_state(m.init(jax.random.key(0)), ctx.mesh)
-    before = test_methods.host(state)
+    before = steps.host(state)
     chex.clear_trace_counter()  # each host builds its own step from the same source
     state, metrics = distill.make_step(m)(state)
-    _STEPPED[key] = (c, before, test_methods.host(state), jax.device_get(metrics))
+    _STEPPED[key] = (c, before, steps.host(state), jax.device_get(metrics))
   return _STEPPED[key]
 
 
@@ -83,7 +84,7 @@ def test_alignment_loss_reaches_the_generator(condensed_file):
   """With every host weight at zero, the generator's gradient is the alignment term's alone."""
   c = guided_config("dfad", "condensed", condensed_file)
   c.loss.adv = 0.0
-  ctx, m = test_methods.build("dfad", num_devices=1, config=c)
+  ctx, m = steps.build("dfad", num_devices=1, config=c)
   state = m.init(jax.random.key(0))
   gen = jax.jit(lambda s: m.step(s)[1])(state)
   assert abs(float(gen["generator/fa"])) > 0
@@ -96,7 +97,7 @@ def _disc_state(feature_dim=8, hidden=16):
   spec = guidance.GuidanceSpec(batch=8, augment=False)
 
   # A parameter-free "teacher" whose feature is the flattened image (width feature_dim).
-  teacher = test_methods.state_lib.FrozenModel(
+  teacher = state_lib.FrozenModel(
       params={}, batch_stats={},
       apply_fn=lambda v, x, train=False: (x.reshape(x.shape[0], -1),
                                           {"feature": x.reshape(x.shape[0], -1)}))
@@ -108,7 +109,7 @@ def _disc_state(feature_dim=8, hidden=16):
 def test_discriminator_learns_to_separate_condensed_from_synthetic():
   spec, teacher, d = _disc_state()
   xc = jnp.ones((6, 8, 1, 1)) + 0.1 * jax.random.normal(jax.random.key(1), (6, 8, 1, 1))
-  state = test_methods.state_lib.DFKDState(
+  state = state_lib.DFKDState(
       step=jnp.zeros((), jnp.int32), rng=jax.random.key(0), teacher=teacher, student=None,
       discriminator=d, condensed={"images": xc, "labels": jnp.arange(6) % 3})
   h_syn = -jnp.ones((8, 8))
@@ -133,7 +134,7 @@ def test_projection_discriminator_is_class_conditional():
 
 
 def test_condensed_batch_rounds_to_devices_and_set_size():
-  c = test_methods.tiny_config("dfad")
+  c = steps.tiny_config("dfad")
   c.guidance, c.condensed.batch = "condensed", 128
   assert guidance.spec_from_config(c, num_devices=8, num_images=10).batch == 8
   assert guidance.spec_from_config(c, num_devices=8, num_images=1000).batch == 128
@@ -151,14 +152,14 @@ def test_condensed_set_that_does_not_match_the_teacher_is_a_clear_error(tmp_path
                                np.arange(10, dtype=np.int32), {"num_classes": 10})
   with pytest.raises(condensed_lib.CondensedDataError,
                      match="32x32x3 but the teacher expects 32x32x1"):
-    test_methods.build("dfad", num_devices=1, config=guided_config("dfad", "condensed", path))
+    steps.build("dfad", num_devices=1, config=guided_config("dfad", "condensed", path))
   c = guided_config("dfad", "condensed", "")
   with pytest.raises(ValueError, match="condensed.path"):
-    test_methods.build("dfad", num_devices=1, config=c)
+    steps.build("dfad", num_devices=1, config=c)
 
 
 def test_config_arguments_turn_guidance_on_and_label_the_run():
-  module = test_methods._config_module()
+  module = steps.config_module()
   c = module.get_config("method=mb_dfkd,guidance=condensed,condensed=/x/fm_ipc10.npz")
   assert c.guidance == "condensed" and c.condensed.path == "/x/fm_ipc10.npz"
   assert c.label == "mb_dfkd + condensed (fm_ipc10)"

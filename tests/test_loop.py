@@ -1,4 +1,4 @@
-"""Tests of `dfkd_jax.loop`, the one training loop: the teacher is never checkpointed, resuming
+"""Tests of `dfkd_jax.train.loop`, the one training loop: the teacher is never checkpointed, resuming
 with another teacher is a clear error, a resumed run ends like an uninterrupted one, and a NaN
 stops the run before it is checkpointed."""
 import json
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import checkpointing
-from dfkd_jax import loop
+from dfkd_jax.io import checkpointing
+from dfkd_jax.train import loop
 
 
 @flax.struct.dataclass

@@ -1,4 +1,4 @@
-"""Numeric tests of dfkd_jax.losses against hand-computed values (numpy loops, float64)."""
+"""Numeric tests of dfkd_jax.ops.losses against hand-computed values (numpy loops, float64)."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import losses
+from dfkd_jax.ops import losses
 
 T = np.array([[2.0, 0.5, -1.0], [0.1, 0.3, 1.2]])
 S = np.array([[1.0, 1.5, -0.5], [0.0, -0.2, 0.7]])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import bn_stats
+from dfkd_jax.ops import bn_stats
 from dfkd_jax import numerics
 from dfkd_jax.models import norm as norm_lib
 

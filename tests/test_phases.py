@@ -4,8 +4,6 @@ They target the bugs of public DFKD code listed in style.md §4.5: a vanishing a
 (student=teacher), BN hooks left registered during KD, hard-coded inversion labels, gradient
 leakage from the student loss into the generator (DAFL), and per-device noise.
 """
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,52 +11,18 @@ import numpy as np
 import optax
 import pytest
 
-from dfkd_jax import bn_stats
-from dfkd_jax import distill
+from dfkd_jax.ops import bn_stats
+from dfkd_jax.train import distill
 from dfkd_jax import models
 from dfkd_jax import parallel
 from dfkd_jax import phases
-from dfkd_jax import state as state_lib
-
-IMAGE_SHAPE = (32, 32, 1)
-NUM_CLASSES = 10
-BATCH = 16
-LATENT = 16
-_CONFIG_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "configs",
-                            "fashion_mnist_lenet5.py")
-
-
-def tiny_config(method):
-  spec = importlib.util.spec_from_file_location("fashion_mnist_lenet5_cfg", _CONFIG_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f"method={method},tiny")
-  c.distill.batch_size = BATCH
-  c.distill.latent_dim = LATENT
-  c.deepinversion.iterations = 2
-  return c
-
-
-def random_teacher(apply_fn=None):
-  module = models.get_model("lenet5_bn", num_classes=NUM_CLASSES)
-  params, batch_stats = state_lib.init_model(module, jax.random.key(1),
-                                             jnp.zeros((1, *IMAGE_SHAPE)))
-  return state_lib.FrozenModel(params=params, batch_stats=batch_stats,
-                               apply_fn=apply_fn or module.apply)
-
-
-def build(method, teacher=None, num_devices=1):
-  """(ctx, method, fresh state) for the tiny config of `method` on a 1-device mesh."""
-  ctx, m, _ = distill.build(tiny_config(method), mesh=parallel.make_mesh(num_devices),
-                            teacher=teacher or random_teacher(), image_shape=IMAGE_SHAPE,
-                            num_classes=NUM_CLASSES)
-  return ctx, m, m.init(jax.random.key(0))
-
+import steps
+from steps import BATCH, LATENT, IMAGE_SHAPE, NUM_CLASSES
 
 @pytest.fixture(scope="module")
 def gen_setup():
   """A dfad context and state (teacher, student, generator)."""
-  ctx, _, state = build("dfad")
+  ctx, _, state = steps.build_small("dfad")
   return ctx, state
 
 
@@ -150,7 +114,7 @@ def dafl_fused_steps(gen_setup):
     for to_gen in (False, True):
       phase = phases.generator_step(
           phases.SynthesisWeights(), batch=BATCH, latent_dim=LATENT, mesh=ctx.mesh,
-          fused_student={"kd": "dafl_kd", "temperature": 1.0, "grad_to_generator": to_gen})
+          fused_student=phases.FusedStudent("dafl_kd", 1.0, grad_to_generator=to_gen))
       new_state, metrics = phase(state, jax.random.key(6))
       out[to_gen] = (metrics, new_state.student.params)
     return out
@@ -238,7 +202,7 @@ def _probing_teacher_apply(log):
 
 def test_kd_student_step_does_not_capture_bn_inputs(monkeypatch, pixels):
   log = []
-  _, _, state = build("dfad", teacher=random_teacher(_probing_teacher_apply(log)))
+  _, _, state = steps.build_small("dfad", teacher=steps.teacher_with(_probing_teacher_apply(log)))
   captures = []
   real_capture = bn_stats.capture_bn_inputs
   monkeypatch.setattr(bn_stats, "capture_bn_inputs",
@@ -261,7 +225,7 @@ def test_deepinversion_step_captures_only_during_synthesis():
   """In one DeepInversion outer step, BN inputs are captured by the inversion scan and not by
   the KD steps that follow (compare Fast-Datafree, where the hooks stay registered)."""
   log = []
-  _, m, state = build("deepinversion", teacher=random_teacher(_probing_teacher_apply(log)))
+  _, m, state = steps.build_small("deepinversion", teacher=steps.teacher_with(_probing_teacher_apply(log)))
   jax.eval_shape(distill.wrap_step(m).step, state)
   captured = [call["captured"] for call in log]
   assert captured[0] and not captured[-1]

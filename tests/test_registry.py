@@ -9,13 +9,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dfkd_jax import demo
-from dfkd_jax import distill
-from dfkd_jax import main as main_lib
+from dfkd_jax.cli import demo
+from dfkd_jax.train import distill
+from dfkd_jax.cli import main as main_lib
 from dfkd_jax import methods
 from dfkd_jax.methods import generative
 
-import test_methods
+import steps
 
 
 def _config_module(name):
@@ -32,7 +32,7 @@ def test_method_lists_derive_from_the_registry():
   assert sorted(demo.DEFAULT_METHODS) == sorted(names) and len(demo.DEFAULT_METHODS) == len(names)
   assert demo.DEFAULT_METHODS[:len(demo.BEST_FIRST)] == demo.BEST_FIRST
   assert helpers.DATA_FREE_METHODS == names
-  assert test_methods.METHODS == names
+  assert steps.METHODS == names
   assert set(methods.SUPERVISED_METHODS).isdisjoint(names)
   assert methods.ALL_METHODS == methods.SUPERVISED_METHODS + names
   usage = main_lib.usage()
@@ -66,7 +66,7 @@ def test_a_newly_registered_method_reaches_configs_and_builder(monkeypatch):
   assert config.method == "my_dafl"
   assert config.loss.oh == 2.5 and config.loss.ie == 5.0
   assert config.distill.num_iters <= 20  # the shared tiny sizing applies to it too
-  ctx, m = test_methods.build("my_dafl", num_devices=1, config=config)  # registry -> builder
+  ctx, m = steps.build("my_dafl", num_devices=1, config=config)  # registry -> builder
   assert ctx.config.method == "my_dafl"
   state = distill.place_state(m.init(jax.random.key(0)), ctx.mesh)
   _, metrics = distill.make_step(m)(state)

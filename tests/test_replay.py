@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import losses
+from dfkd_jax.ops import losses
 from dfkd_jax import phases
-from dfkd_jax import replay
+from dfkd_jax.phases import replay
 from dfkd_jax import state as state_lib
 from dfkd_jax.models import vae as vae_lib
 
-import test_methods  # the cached tiny runs of every method (same module object as pytest's)
-from test_phases import IMAGE_SHAPE, build
+import steps  # the cached tiny runs of every method
+from steps import IMAGE_SHAPE, tree_equal
 
 
 # ----------------------------------------------------------------- student_step extras
@@ -21,7 +21,7 @@ from test_phases import IMAGE_SHAPE, build
 
 @pytest.fixture(scope="module")
 def dfad_state():
-  ctx, _, state = build("dfad")
+  ctx, _, state = steps.build_small("dfad")
   return ctx, state
 
 
@@ -66,7 +66,7 @@ def test_unnormalized_extra_is_added_with_its_weight(dfad_state):
 
 
 def test_mb_dfkd_bank_fills_at_push_iterations_and_replay_is_masked_while_empty():
-  r = test_methods.run("mb_dfkd")
+  r = steps.run("mb_dfkd")
   every, slots = r.config.mb_dfkd.push_every, r.config.mb_dfkd.slots
   counts = [int(s.bank.count) for s in r.states]
   # A push at the end of iterations 0, every, 2 every, ...
@@ -82,16 +82,16 @@ def test_mb_dfkd_bank_fills_at_push_iterations_and_replay_is_masked_while_empty(
 
 
 def test_mb_dfkd_generator_has_bn_statistics_and_adversarial_terms():
-  m = test_methods.run("mb_dfkd").metrics[0]
+  m = steps.run("mb_dfkd").metrics[0]
   for term in ("oh", "ie", "act", "adv", "bn"):
     assert np.isfinite(m[f"generator/{term}"]) and abs(float(m[f"generator/{term}"])) > 0, term
 
 
 def test_mb_dfkd_rejects_bad_slot_size():
-  c = test_methods.tiny_config("mb_dfkd")
+  c = steps.tiny_config("mb_dfkd")
   c.mb_dfkd.slot_size = 12  # not a multiple of the 8 devices
   with pytest.raises(ValueError, match="slot_size=12"):
-    test_methods.build("mb_dfkd", config=c)
+    steps.build("mb_dfkd", config=c)
 
 
 # ----------------------------------------------------------------------------- PRE-DFKD
@@ -124,7 +124,7 @@ def test_encoder_height_normalisation_and_bad_option():
 
 @pytest.fixture(scope="module")
 def pre_setup():
-  ctx, m = test_methods.build("pre_dfkd", num_devices=1)
+  ctx, m = steps.build("pre_dfkd", num_devices=1)
   state = m.init(jax.random.key(0))
   p = ctx.config.pre_dfkd
   spec = replay.VAEReplay(memory_batch=p.memory_batch, latent_dim=p.vae_latent_dim,
@@ -174,12 +174,8 @@ def test_vae_update_and_the_leaked_latent_gradient(pre_setup, step):
   assert tree_equal(out[False]["decoder"], out[True]["decoder"]) == (step == 0)
 
 
-def tree_equal(a, b):
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def test_pre_dfkd_iteration_schedule():
-  r = test_methods.run("pre_dfkd")
+  r = steps.run("pre_dfkd")
   c = r.config
   before, after = r.states[0], r.states[1]
   assert int(after.generator.step) == 1
@@ -191,19 +187,19 @@ def test_pre_dfkd_iteration_schedule():
 
 
 def test_pre_dfkd_rejects_inconsistent_sizes():
-  c = test_methods.tiny_config("pre_dfkd")
+  c = steps.tiny_config("pre_dfkd")
   c.pre_dfkd.vae_steps = c.distill.student_steps + 1
   with pytest.raises(ValueError, match="vae_steps"):
-    test_methods.build("pre_dfkd", config=c)
-  c = test_methods.tiny_config("pre_dfkd")
+    steps.build("pre_dfkd", config=c)
+  c = steps.tiny_config("pre_dfkd")
   c.pre_dfkd.vae_input = c.distill.batch_size
   with pytest.raises(ValueError, match="vae_input"):
-    test_methods.build("pre_dfkd", config=c)
+    steps.build("pre_dfkd", config=c)
 
 
 def test_faithful_config_switches_the_official_quirks():
-  cfg = test_methods._config_module().get_config("method=pre_dfkd,faithful")
-  default = test_methods._config_module().get_config("method=pre_dfkd")
+  cfg = steps.config_module().get_config("method=pre_dfkd,faithful")
+  default = steps.config_module().get_config("method=pre_dfkd")
   assert (cfg.pre_dfkd.vae_bn_eps, cfg.generator.bn_eps) == (0.8, 0.8)
   assert cfg.pre_dfkd.leak_z_grad_into_vae and cfg.pre_dfkd.encoder_normalize == "height"
   assert (default.pre_dfkd.vae_bn_eps, default.generator.bn_eps) == (1e-5, 1e-5)

@@ -1,4 +1,4 @@
-"""dfkd_jax.report: loading, grouping, the markdown table, the accuracy plot and the command."""
+"""dfkd_jax.io.report: loading, grouping, the markdown table, the accuracy plot and the command."""
 import json
 import os
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import helpers
-from dfkd_jax import demo
-from dfkd_jax import report
+from dfkd_jax.cli import demo
+from dfkd_jax.io import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -150,7 +150,7 @@ def test_command_writes_table_and_plot(tmp_path):
   _write(runs / "dfad", _distill("dfad", final=50.0))
   (runs / "unfinished").mkdir()
   out_md = tmp_path / "out" / "report.md"
-  proc = helpers.run_cli("dfkd_jax.report", *sorted(str(p) for p in runs.iterdir()),
+  proc = helpers.run_cli("dfkd_jax.io.report", *sorted(str(p) for p in runs.iterdir()),
                          "--out_md", str(out_md), "--title", "My runs", timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "| dafl | 2 | 71.00 ± 1.00 |" in proc.stdout and "| dfad | 1 | 50.00 |" in proc.stdout
@@ -161,7 +161,7 @@ def test_command_writes_table_and_plot(tmp_path):
 
 def test_command_without_runs_is_a_one_line_error(tmp_path):
   (tmp_path / "empty").mkdir()
-  proc = helpers.run_cli("dfkd_jax.report", str(tmp_path / "empty"), "--out_png", "",
+  proc = helpers.run_cli("dfkd_jax.io.report", str(tmp_path / "empty"), "--out_png", "",
                          timeout=120)
   assert proc.returncode == 2
   errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import evaluation
-from dfkd_jax import model_io
+from dfkd_jax.train import evaluation
+from dfkd_jax.io import model_io
 from dfkd_jax import models as models_lib
 from dfkd_jax import optim
 from dfkd_jax import parallel
 from dfkd_jax import state as state_lib
-from dfkd_jax import supervised
+from dfkd_jax.train import supervised
 from dfkd_jax import train
 from dfkd_jax.data import datasets
 
@@ -160,7 +160,7 @@ def test_resume_after_kill_equals_uninterrupted(teacher_run, tmp_path):
           f"--config.num_steps={_NUM_STEPS}", f"--workdir={workdir}")
   log_path = tmp_path / "first.log"
   with open(log_path, "w", encoding="utf-8") as log:
-    proc = subprocess.Popen(helpers.cli_command("dfkd_jax.main", *args), cwd=helpers.REPO_ROOT,
+    proc = subprocess.Popen(helpers.cli_command("dfkd_jax.cli.main", *args), cwd=helpers.REPO_ROOT,
                             env=helpers.cli_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
       first_ckpt = workdir / "checkpoints" / "4"
@@ -175,7 +175,7 @@ def test_resume_after_kill_equals_uninterrupted(teacher_run, tmp_path):
       proc.wait()
   assert not (workdir / "summary.json").exists(), "the run finished before it was killed"
 
-  second = helpers.run_cli("dfkd_jax.main", *args, timeout=300)
+  second = helpers.run_cli("dfkd_jax.cli.main", *args, timeout=300)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resumed from step" in second.stdout, second.stdout[-3000:]
   resumed_at = int(second.stdout.split("Resumed from step ")[1].split()[0])

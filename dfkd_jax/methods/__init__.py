@@ -54,7 +54,7 @@ METHODS: dict[str, MethodSpec] = {
                         "label-embedding generator with re-drawn noisy layers, image pool"),
 }
 
-# Real-data modes, trained by `dfkd_jax.supervised` (kd_* distil the teacher's soft labels).
+# Real-data modes, trained by `dfkd_jax.train.supervised` (kd_* distil the teacher's soft labels).
 SUPERVISED_METHODS = ("teacher", "scratch", "kd_real", "kd_condensed")
 KD_METHODS = ("kd_real", "kd_condensed")
 ALL_METHODS = SUPERVISED_METHODS + tuple(METHODS)

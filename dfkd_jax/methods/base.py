@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dfkd_jax import guidance as guidance_lib
-from dfkd_jax import memory
+from dfkd_jax.phases import guidance as guidance_lib
+from dfkd_jax.ops import buffers
 from dfkd_jax import models as models_lib
 from dfkd_jax import optim
 from dfkd_jax import phases
@@ -116,8 +116,8 @@ def init_state(key, ctx: Context, *, generator: nn.Module | None = None,
         apply_fn=generator.apply, params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=optim.make_optimizer(cfg.gen_optimizer, cfg.distill.num_iters))
-  pool = memory.pool_init(pool_capacity, ctx.image_shape) if pool_capacity else None
-  bank_state = memory.bank_init(*bank, ctx.image_shape) if bank else None
+  pool = buffers.pool_init(pool_capacity, ctx.image_shape) if pool_capacity else None
+  bank_state = buffers.bank_init(*bank, ctx.image_shape) if bank else None
   vae_state = None
   if vae is not None:
     module, opt_cfg = vae

@@ -36,12 +36,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from dfkd_jax import augment
-from dfkd_jax import bn_stats
-from dfkd_jax import combinators
+from dfkd_jax.ops import augment
+from dfkd_jax.ops import bn_stats
+from dfkd_jax.phases import combinators
 from dfkd_jax import config_blocks
-from dfkd_jax import guidance as guidance_lib
-from dfkd_jax import memory
+from dfkd_jax.phases import guidance as guidance_lib
+from dfkd_jax.ops import buffers
 from dfkd_jax import models as models_lib
 from dfkd_jax import parallel
 from dfkd_jax import phases
@@ -107,7 +107,7 @@ def _finish_synthesis(state, best_x, stats, rho, metrics):
   method_state = state.method_state
   if stats is not None and rho:
     method_state = phases.update_bn_memory(method_state, stats, rho)
-  pool = memory.pool_push(state.pool, jax.lax.stop_gradient(best_x))
+  pool = buffers.pool_push(state.pool, jax.lax.stop_gradient(best_x))
   return state.replace(pool=pool, method_state=method_state), metrics
 
 

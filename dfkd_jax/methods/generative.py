@@ -8,13 +8,13 @@
 
 Each takes condensed-sample guidance (`config.guidance`, docs/methods.md §8) by config alone: the
 generator step adds the feature-alignment term and a discriminator step, and every student
-update adds condensed samples (see `dfkd_jax.guidance`).
+update adds condensed samples (see `dfkd_jax.phases.guidance`).
 """
 from __future__ import annotations
 
 import functools
 
-from dfkd_jax import combinators
+from dfkd_jax.phases import combinators
 from dfkd_jax import config_blocks
 from dfkd_jax import phases
 from dfkd_jax.methods import base
@@ -40,9 +40,9 @@ def make_dafl(ctx: base.Context) -> Method:
   phase = phases.generator_step(
       base.synthesis_weights(cfg.loss), batch=d.batch_size, latent_dim=d.latent_dim,
       mesh=ctx.mesh, faithful_bn=cfg.faithful_bn,
-      fused_student={"kd": cfg.loss.kd, "temperature": cfg.loss.kd_temperature,
-                     "grad_to_generator": cfg.dafl.kd_grad_to_generator,
-                     "extras": base.condensed_extras(ctx)},
+      fused_student=phases.FusedStudent(cfg.loss.kd, cfg.loss.kd_temperature,
+                                        cfg.dafl.kd_grad_to_generator,
+                                        tuple(base.condensed_extras(ctx))),
       guidance=ctx.guidance)
   if d.student_steps != 1:
     raise ValueError("DAFL updates G and S together once per iteration: set "

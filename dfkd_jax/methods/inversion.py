@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 
-from dfkd_jax import combinators
+from dfkd_jax.phases import combinators
 from dfkd_jax import config_blocks
 from dfkd_jax import phases
 from dfkd_jax.methods import base

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import functools
 
-from dfkd_jax import combinators
+from dfkd_jax.phases import combinators
 from dfkd_jax import config_blocks
 from dfkd_jax import phases
-from dfkd_jax import replay
+from dfkd_jax.phases import replay
 from dfkd_jax.methods import base
 from dfkd_jax.models import vae as vae_lib
 from dfkd_jax.types import Method

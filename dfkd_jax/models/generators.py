@@ -216,6 +216,17 @@ class Generator(nn.Module):
                         dtype=jnp.float32, name="bn_out")(x)
 
 
+
+def _decoder_tail(x, conv, norm, ngf: int, channels: int, train: bool) -> jax.Array:
+  """The shared end of the DAFL-style and Fast/NAYER decoders, built in the caller's compact
+  scope: block1 (2 ngf) -> bn1 -> LReLU(0.2) -> x2 -> block2 (ngf) -> bn2 -> LReLU -> block3."""
+  x = conv(2 * ngf, name="block1")(x, train)
+  x = nn.leaky_relu(norm(name="bn1")(x), 0.2)
+  x = upsample_nearest_2x(x)
+  x = conv(ngf, name="block2")(x, train)
+  x = nn.leaky_relu(norm(name="bn2")(x), 0.2)
+  return conv(channels, name="block3")(x, train)
+
 class ZSKTGenerator(nn.Module):
   """ZSKT generator (no tanh; x1.6 then x2 nearest upsampling).
 
@@ -254,12 +265,7 @@ class ZSKTGenerator(nn.Module):
     x = jax.image.resize(x, (x.shape[0], half, half, x.shape[-1]), "nearest")
     conv = functools.partial(_ConvBlock, weight_init=self.weight_init,
                              spectral_norm=False, dtype=self.dtype)
-    x = conv(2 * self.ngf, name="block1")(x, train)
-    x = nn.leaky_relu(norm(name="bn1")(x), 0.2)
-    x = upsample_nearest_2x(x)
-    x = conv(self.ngf, name="block2")(x, train)
-    x = nn.leaky_relu(norm(name="bn2")(x), 0.2)
-    x = conv(self.channels, name="block3")(x, train)
+    x = _decoder_tail(x, conv, norm, self.ngf, self.channels, train)
     return norm_lib.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=self.bn_eps, use_scale=False, use_bias=False,
                         dtype=jnp.float32, name="bn_out")(x.astype(jnp.float32))
@@ -290,12 +296,7 @@ class _SigmoidTrunk(nn.Module):
     x = _project(h, 2 * self.ngf, self.img_size // 4, "default", self.dtype)
     x = norm(name="bn0")(x)
     x = upsample_nearest_2x(x)
-    x = conv(2 * self.ngf, name="block1")(x, train)
-    x = nn.leaky_relu(norm(name="bn1")(x), 0.2)
-    x = upsample_nearest_2x(x)
-    x = conv(self.ngf, name="block2")(x, train)
-    x = nn.leaky_relu(norm(name="bn2")(x), 0.2)
-    x = conv(self.channels, name="block3")(x, train)
+    x = _decoder_tail(x, conv, norm, self.ngf, self.channels, train)
     pixels = jax.nn.sigmoid(x.astype(jnp.float32))
     return (pixels - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
 
@@ -318,7 +319,7 @@ class FastGenerator(nn.Module):
                          self.dtype, name="trunk")(z, train)
 
 
-class NoisyLayerGenerator(nn.Module):
+class NoisyLayerGenerator(FastGenerator):
   """NAYER's generator (docs/methods.md §12.2): label embeddings [B, L] -> normalised images.
 
   h = BN1d(e_y) (batch statistics, learnable affine); row i goes through noisy layer
@@ -327,20 +328,14 @@ class NoisyLayerGenerator(nn.Module):
   `noisy/kernel [n, L, E]`, `noisy/bias [n, E]` pair and applied with one einsum; a batch that
   is not a multiple of `num_classes` is padded, so its last rows share the last layer.
 
-  Attributes:
+  Attributes (after `FastGenerator`'s, whose trunk it shares):
     num_layers: noisy layers n (= ceil(batch / num_classes)).
     num_classes: K, the rows served by each noisy layer.
     emb_size: noisy-layer output width (NAYER: 1000).
   """
-  num_layers: int
-  num_classes: int
+  num_layers: int = 1
+  num_classes: int = 10
   emb_size: int = 1000
-  img_size: int = 32
-  channels: int = 3
-  ngf: int = 64
-  mean: tuple[float, ...] = (0.0,)
-  std: tuple[float, ...] = (1.0,)
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, emb: jax.Array, train: bool = True) -> jax.Array:

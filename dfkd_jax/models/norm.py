@@ -22,7 +22,7 @@ other than the last, non-float32 inputs or dtypes, exact variance) is
 `flax.linen.BatchNorm` itself, unchanged; so is every call traced under
 `numerics.use(batch_norm="xla")` (`DFKD_BATCH_NORM=xla` in the environment sets
 that default). Being a subclass,
-it is found by `dfkd_jax.bn_stats.capture_bn_inputs` like any `nn.BatchNorm`.
+it is found by `dfkd_jax.ops.bn_stats.capture_bn_inputs` like any `nn.BatchNorm`.
 Forward-mode autodiff (`jax.jvp`) is not defined for a custom-VJP function; the
 library never uses it.
 """

@@ -1,7 +1,7 @@
 r"""The README's main job: train a Fashion-MNIST teacher, the real-data bounds, then distil a
 student data-free with every method, and print one results table.
 
-  python -m dfkd_jax.demo --workdir runs/demo [--methods dafl,dfad] [--tiny]
+  python -m dfkd_jax.cli.demo --workdir runs/demo [--methods dafl,dfad] [--tiny]
 
 Each run lives in its own folder under --workdir and is resumed if interrupted (re-run the same
 command); finished runs are not repeated.
@@ -14,16 +14,16 @@ import os
 import sys
 import time
 
+from dfkd_jax import cli
 from dfkd_jax import methods
-from dfkd_jax import report
+from dfkd_jax.io import report
 
 # Every data-free method, the best measured first (benchmarks/RESULTS.md §9 and the
 # time-to-accuracy table): a demo stopped early has already shown the recipes worth using.
 BEST_FIRST = ("nayer", "fast", "dfad", "mb_dfkd", "dafl")
 DEFAULT_METHODS = tuple(m for m in BEST_FIRST if m in methods.METHODS) + tuple(
     m for m in methods.METHODS if m not in BEST_FIRST)
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "fashion_mnist_lenet5.py")
+CONFIG = os.path.join(cli.REPO_ROOT, "configs", "fashion_mnist_lenet5.py")
 
 
 def load_config(path: str, arg: str):
@@ -50,7 +50,7 @@ def _run(name: str, arg: str, workdir: str, config_path: str, overrides=None) ->
 
 
 def results_table(rows: list[tuple[str, dict]]) -> str:
-  """Markdown table of `(name, summary)` rows: `dfkd_jax.report.markdown_table`, one run each."""
+  """Markdown table of `(name, summary)` rows: `dfkd_jax.io.report.markdown_table`, one run each."""
   return report.markdown_table({name: [summary] for name, summary in rows})
 
 

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import augment
-from dfkd_jax import bn_stats
-from dfkd_jax import guidance as guidance_lib
-from dfkd_jax import losses
-from dfkd_jax import memory
+from dfkd_jax.ops import augment
+from dfkd_jax.ops import bn_stats
+from dfkd_jax.phases import guidance as guidance_lib
+from dfkd_jax.ops import losses
+from dfkd_jax.ops import buffers
 from dfkd_jax import parallel
 
 ADV_TYPES = ("l1", "kl", "js", "js_batch", "masked_kl")
@@ -178,8 +178,53 @@ def generate(generator, params, z, mesh):
   return parallel.shard_batch(x, mesh), new_vars["batch_stats"]
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedStudent:
+  """DAFL's student update inside the generator step, on the same images.
+
+  Attributes:
+    kd: student loss name (see `kd_loss`).
+    temperature: for `kd="kl"`.
+    grad_to_generator: let the student loss's gradient reach the generator (DAFL's code: no).
+    extras: as in `student_step` (e.g. condensed samples), added with their weights.
+  """
+  kd: str
+  temperature: float = 1.0
+  grad_to_generator: bool = False
+  extras: tuple = ()
+
+
+def _draw_extras(extras, state, key):
+  """`[(x_extra, weight, name), ...]` of `student_step`-style extras, x stop-gradiented."""
+  out = []
+  for i, (name, fn) in enumerate(extras):
+    xe, we = fn(state, jax.random.fold_in(key, 1000 + i))
+    out.append((jax.lax.stop_gradient(xe), we, name))
+  return out
+
+
+def _parts_kd(kd: str, temperature: float, t_logits, s_logits, sizes, drawn,
+              normalize=()) -> tuple[jax.Array, dict]:
+  """The KD loss over a batch of concatenated parts: the main batch (`sizes[0]` rows) and each
+  drawn extra (its own KD loss, metric `<name>_loss`, added with its weight; those named in
+  `normalize` are averaged with the main batch, see `student_step`). Returns (loss, parts)."""
+  bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+  seg = lambda a, i: a[bounds[i]:bounds[i + 1]]  # noqa: E731
+  loss = kd_loss(kd, seg(t_logits, 0), seg(s_logits, 0), temperature)
+  parts = {"kd": loss}
+  added, norm = 0.0, 1.0
+  for i, (_, w, name) in enumerate(drawn, start=1):
+    part = kd_loss(kd, seg(t_logits, i), seg(s_logits, i), temperature)
+    parts[f"{name}_loss"] = part
+    if name in normalize:
+      loss, norm = loss + w * part, norm + w
+    else:
+      added = added + w * part
+  return loss / norm + added, parts
+
+
 def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
-                   faithful_bn: bool = True, fused_student: dict | None = None,
+                   faithful_bn: bool = True, fused_student: FusedStudent | None = None,
                    z_key: Callable | None = None, guidance=None):
   """One generator update on a fresh latent batch.
 
@@ -189,22 +234,19 @@ def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
     mesh: device mesh (the batch is sharded over `data`).
     faithful_bn: keep the student's BN running statistics updated by its train-mode forward
       inside this step, as the official codes do (docs/methods.md §0.3).
-    fused_student: DAFL: also update the student on the same images in this step, with
-      `{"kd": name, "temperature": τ, "grad_to_generator": bool, "extras": (...)}` (extras as
-      in `student_step`: e.g. condensed samples).
+    fused_student: DAFL: also update the student on the same images in this step
+      (`FusedStudent`).
     z_key: optional `z_key(state) -> key` to share one latent batch with other phases (ZSKT).
     guidance: a `guidance.GuidanceSpec` with a discriminator: add `lambda_fa * L_FA` to the
       generator loss and take one discriminator step on this batch (docs/methods.md §8).
   """
   adversarial_guidance = guidance is not None and guidance.adversarial
-  fused_extras = tuple((fused_student or {}).get("extras", ()))
 
   def phase(state, key):
     zk = z_key(state) if z_key is not None else key
     z = latents(zk, batch, latent_dim, mesh)
     g = state.generator
-    extra_x = [fn(state, jax.random.fold_in(key, 1000 + i))
-               for i, (_, fn) in enumerate(fused_extras)]
+    drawn = _draw_extras(fused_student.extras, state, key) if fused_student else []
 
     def g_loss(g_params, s_params):
       x, g_bs = generate(g, g_params, z, mesh)
@@ -218,26 +260,22 @@ def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
         aux = {**aux, "h": jax.lax.stop_gradient(h), "y": y_hat}
       s_out = {}
       if fused_student is not None:
-        x_s = x if fused_student["grad_to_generator"] else jax.lax.stop_gradient(x)
-        n = x_s.shape[0]
+        f = fused_student
+        x_s = x if f.grad_to_generator else jax.lax.stop_gradient(x)
         t_logits = jax.lax.stop_gradient(aux["teacher_logits"])
-        if extra_x:
-          x_s = jnp.concatenate([x_s] + [jax.lax.stop_gradient(xe) for xe, _ in extra_x], 0)
-          t_extra = jax.lax.stop_gradient(
-              state.teacher(jnp.concatenate([xe for xe, _ in extra_x], 0))[0])
+        if drawn:
+          x_e = jnp.concatenate([xe for xe, _, _ in drawn], 0)
+          x_s = jnp.concatenate([x_s, x_e], 0)
+          t_logits = jnp.concatenate(
+              [t_logits, jax.lax.stop_gradient(state.teacher(x_e)[0])], 0)
         s_logits, _, s_bs = student_forward(state.student, s_params, x_s, train=True)
-        s_loss = kd_loss(fused_student["kd"], t_logits, s_logits[:n],
-                         fused_student["temperature"])
-        start = 0
-        for (xe, we), (name, _) in zip(extra_x, fused_extras):
-          m = xe.shape[0]
-          part = kd_loss(fused_student["kd"], t_extra[start:start + m],
-                         s_logits[n + start:n + start + m], fused_student["temperature"])
-          terms[f"student_{name}_loss"] = part
-          s_loss = s_loss + we * part
-          start += m
+        n = x.shape[0]
+        s_loss, parts = _parts_kd(f.kd, f.temperature, t_logits, s_logits,
+                                  [n] + [xe.shape[0] for xe, _, _ in drawn], drawn)
+        for _, _, name in drawn:
+          terms[f"student_{name}_loss"] = parts[f"{name}_loss"]
         s_out = {"loss": s_loss, "batch_stats": s_bs,
-                 "agree": losses.accuracy(s_logits[:n], jnp.argmax(t_logits, -1)) * 100.0}
+                 "agree": losses.accuracy(s_logits[:n], jnp.argmax(t_logits[:n], -1)) * 100.0}
         total = total + s_loss
       return total, (terms, g_bs, aux, s_out)
 
@@ -301,35 +339,17 @@ def student_step(sample: Callable, *, kd: str, temperature: float = 1.0, at_beta
 
   def phase(state, key):
     x = sample(state, key)
-    sizes, weights, names = [x.shape[0]], [], []
-    if extras:
-      parts = [x]
-      for i, (name, fn) in enumerate(extras):
-        xe, we = fn(state, jax.random.fold_in(key, 1000 + i))
-        parts.append(jax.lax.stop_gradient(xe))
-        sizes.append(xe.shape[0])
-        weights.append(we)
-        names.append(name)
-      x = jnp.concatenate(parts, 0)
+    drawn = _draw_extras(extras, state, key)
+    sizes = [x.shape[0]] + [xe.shape[0] for xe, _, _ in drawn]
+    if drawn:
+      x = jnp.concatenate([x] + [xe for xe, _, _ in drawn], 0)
     t_logits, t_aux = state.teacher(x)
     t_logits = jax.lax.stop_gradient(t_logits)
     s = state.student
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
     def loss_fn(params):
       s_logits, s_aux, bs = student_forward(s, params, x, train=True)
-      seg = lambda a, i: a[bounds[i]:bounds[i + 1]]  # noqa: E731
-      loss = kd_loss(kd, seg(t_logits, 0), seg(s_logits, 0), temperature)
-      parts = {"kd": loss}
-      added, norm = 0.0, 1.0
-      for i, (name, w) in enumerate(zip(names, weights), start=1):
-        part = kd_loss(kd, seg(t_logits, i), seg(s_logits, i), temperature)
-        parts[f"{name}_loss"] = part
-        if name in normalize:
-          loss, norm = loss + w * part, norm + w
-        else:
-          added = added + w * part
-      loss = loss / norm + added
+      loss, parts = _parts_kd(kd, temperature, t_logits, s_logits, sizes, drawn, normalize)
       if at_beta:
         main = lambda stages: [a[:sizes[0]] for a in stages]  # noqa: E731
         at = losses.attention_transfer(main(t_aux["stages"]), main(s_aux["stages"]),
@@ -408,11 +428,11 @@ def inversion_round(w: SynthesisWeights, *, batch: int, image_shape, num_classes
     first = jax.tree.map(lambda m: m[0], metrics)
     last = jax.tree.map(lambda m: m[-1], metrics)
     out = {**{f"{k}": v for k, v in last.items()}, "loss_first": first["loss"]}
-    pool = memory.pool_push(state.pool, jax.lax.stop_gradient(pixels))
+    pool = buffers.pool_push(state.pool, jax.lax.stop_gradient(pixels))
     return state.replace(pool=pool, discriminator=disc), out
 
   return phase
 
 
 def sample_pool(state, key, batch: int, mesh):
-  return parallel.shard_batch(memory.pool_sample(state.pool, key, batch), mesh)
+  return parallel.shard_batch(buffers.pool_sample(state.pool, key, batch), mesh)

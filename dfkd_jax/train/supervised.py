@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dfkd_jax import augment as augment_lib
-from dfkd_jax import condensed as condensed_lib
-from dfkd_jax import evaluation
-from dfkd_jax import loop as loop_lib
-from dfkd_jax import losses
+from dfkd_jax.ops import augment as augment_lib
+from dfkd_jax.condensation import condensed_set as condensed_lib
+from dfkd_jax.train import evaluation
+from dfkd_jax.train import loop as loop_lib
+from dfkd_jax.ops import losses
 from dfkd_jax.methods import KD_METHODS, SUPERVISED_METHODS
-from dfkd_jax import model_io
+from dfkd_jax.io import model_io
 from dfkd_jax import models as models_lib
 from dfkd_jax import optim
 from dfkd_jax import parallel

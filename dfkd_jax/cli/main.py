@@ -1,12 +1,12 @@
 r"""Command line of dfkd_jax: train (default), evaluate a saved model, or condense.
 
-  python -m dfkd_jax.main --config=configs/<file>.py:method=<m> --workdir=<dir> [--config.<k>=<v>]
-  python -m dfkd_jax.main --mode=evaluate --model_dir=<run> [--teacher_dir=<run>] [--limit=N]
-  python -m dfkd_jax.main --mode=condense -- <arguments of dfkd_jax.condense>
+  python -m dfkd_jax.cli.main --config=configs/<file>.py:method=<m> --workdir=<dir> [--config.<k>=<v>]
+  python -m dfkd_jax.cli.main --mode=evaluate --model_dir=<run> [--teacher_dir=<run>] [--limit=N]
+  python -m dfkd_jax.cli.main --mode=condense -- <arguments of dfkd_jax.condensation.condense>
 
 This module only parses flags and sets process-wide JAX options; all work happens in
-`dfkd_jax.train.train_and_evaluate` (and `dfkd_jax.condense.main`), which notebooks and tests
-import directly.
+`dfkd_jax.train.train_and_evaluate` (and `dfkd_jax.condensation.condense.main`), which notebooks
+and tests import directly.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dfkd_jax import cli
 from dfkd_jax import methods
 
 FLAGS = flags.FLAGS
@@ -28,7 +29,8 @@ MODES = {
              "kd_condensed or a data-free one",
     "evaluate": "accuracy of a saved model (--model_dir) and its agreement with a teacher "
                 "(--teacher_dir); writes nothing",
-    "condense": "dfkd_jax.condense; its arguments follow `--` (see --mode=condense -- --help)",
+    "condense": "dfkd_jax.condensation.condense; its arguments follow `--` (see --mode=condense "
+                "-- --help)",
 }
 config_flags.DEFINE_config_file("config", None, "mode=train: config file (path.py:arg).",
                                 lock_config=True)
@@ -51,7 +53,7 @@ _MODE_FLAGS = {"train": ("config", "workdir"),
                "condense": ()}
 _OWN_FLAGS = ("mode", *(name for names in _MODE_FLAGS.values() for name in names))
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_ROOT = cli.REPO_ROOT
 
 
 class UsageError(ValueError):
@@ -99,7 +101,7 @@ def usage() -> str:
     flag = FLAGS[name]
     default = "" if flag.default in (None, "") else f" (default: {flag.default})"
     lines.append(f"  --{name}: {flag.help}{default}")
-  lines += ["", "Run `python -m dfkd_jax.report <run folders>` to compare finished runs."]
+  lines += ["", "Run `python -m dfkd_jax.io.report <run folders>` to compare finished runs."]
   return "\n".join(lines)
 
 
@@ -136,8 +138,8 @@ def evaluate(model_dir: str, teacher_dir: str | None = None, dataset: str | None
      "model", "teacher"}.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dfkd_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from dfkd_jax import model_io  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.train import evaluation  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.io import model_io  # pylint: disable=g-import-not-at-top
   from dfkd_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   _, model, meta = model_io.load_model(model_dir, role="model",
@@ -181,9 +183,10 @@ def _evaluate() -> None:
 
 def _condense(args) -> int:
   try:
-    from dfkd_jax import condense  # pylint: disable=g-import-not-at-top
+    from dfkd_jax.condensation import condense  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise RuntimeError(f"--mode=condense needs dfkd_jax.condense, which is not available: {e}")
+    raise RuntimeError("--mode=condense needs dfkd_jax.condensation.condense, which is not "
+                       f"available: {e}")
   return int(condense.main(list(args)) or 0)
 
 

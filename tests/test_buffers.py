@@ -1,10 +1,10 @@
-"""Tests of the functional image pool (`memory.ImagePool`)."""
+"""Tests of the functional image pool (`buffers.ImagePool`)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfkd_jax import memory
+from dfkd_jax.ops import buffers
 
 SHAPE = (2, 2, 1)
 
@@ -19,26 +19,26 @@ def _ids(images):
 
 
 def test_init_is_empty():
-  pool = memory.pool_init(5, SHAPE)
+  pool = buffers.pool_init(5, SHAPE)
   assert pool.capacity == 5
   assert pool.images.shape == (5, *SHAPE)
   assert int(pool.cursor) == 0 and int(pool.count) == 0
 
 
 def test_push_wraps_around_in_order():
-  pool = memory.pool_init(5, SHAPE)
-  pool = memory.pool_push(pool, _images([1, 2, 3]))
+  pool = buffers.pool_init(5, SHAPE)
+  pool = buffers.pool_push(pool, _images([1, 2, 3]))
   assert _ids(pool.images) == [1, 2, 3, 0, 0]
   assert int(pool.cursor) == 3 and int(pool.count) == 3
-  pool = memory.pool_push(pool, _images([4, 5, 6]))
+  pool = buffers.pool_push(pool, _images([4, 5, 6]))
   # 4 and 5 fill the end; 6 wraps to slot 0 and overwrites the oldest image (1).
   assert _ids(pool.images) == [6, 2, 3, 4, 5]
   assert int(pool.cursor) == 1 and int(pool.count) == 5
 
 
 def test_push_under_jit_matches_eager():
-  pool = memory.pool_init(5, SHAPE)
-  push = jax.jit(memory.pool_push)
+  pool = buffers.pool_init(5, SHAPE)
+  push = jax.jit(buffers.pool_push)
   for batch in ([1, 2, 3], [4, 5, 6], [7, 8]):
     pool = push(pool, _images(batch))
   assert _ids(pool.images) == [6, 7, 8, 4, 5]
@@ -46,52 +46,52 @@ def test_push_under_jit_matches_eager():
 
 
 def test_push_casts_to_pool_dtype():
-  pool = memory.pool_init(3, SHAPE, dtype=jnp.bfloat16)
-  pool = memory.pool_push(pool, _images([1.5]))
+  pool = buffers.pool_init(3, SHAPE, dtype=jnp.bfloat16)
+  pool = buffers.pool_push(pool, _images([1.5]))
   assert pool.images.dtype == jnp.bfloat16
   assert _ids(pool.images) == [1.5, 0, 0]
 
 
 def test_sample_only_from_filled_entries():
-  pool = memory.pool_init(8, SHAPE)
-  pool = memory.pool_push(pool, _images([11, 12, 13]))
-  draws = _ids(jax.jit(memory.pool_sample, static_argnums=2)(pool, jax.random.key(0), 300))
+  pool = buffers.pool_init(8, SHAPE)
+  pool = buffers.pool_push(pool, _images([11, 12, 13]))
+  draws = _ids(jax.jit(buffers.pool_sample, static_argnums=2)(pool, jax.random.key(0), 300))
   # Never an empty (zero) slot, and with 300 draws every filled entry shows up.
   assert set(draws) == {11, 12, 13}
 
 
 def test_sample_after_wrap_covers_whole_pool():
-  pool = memory.pool_init(4, SHAPE)
-  pool = memory.pool_push(pool, _images([1, 2, 3]))
-  pool = memory.pool_push(pool, _images([4, 5]))
-  draws = _ids(memory.pool_sample(pool, jax.random.key(1), 300))
+  pool = buffers.pool_init(4, SHAPE)
+  pool = buffers.pool_push(pool, _images([1, 2, 3]))
+  pool = buffers.pool_push(pool, _images([4, 5]))
+  draws = _ids(buffers.pool_sample(pool, jax.random.key(1), 300))
   assert set(draws) == {2, 3, 4, 5}
 
 
 def test_sample_shape_and_key_dependence():
-  pool = memory.pool_push(memory.pool_init(16, SHAPE), _images(range(1, 17)))
-  a = memory.pool_sample(pool, jax.random.key(0), 32)
-  b = memory.pool_sample(pool, jax.random.key(1), 32)
+  pool = buffers.pool_push(buffers.pool_init(16, SHAPE), _images(range(1, 17)))
+  a = buffers.pool_sample(pool, jax.random.key(0), 32)
+  b = buffers.pool_sample(pool, jax.random.key(1), 32)
   assert a.shape == (32, *SHAPE)
   assert not np.array_equal(a, b)
-  np.testing.assert_array_equal(a, memory.pool_sample(pool, jax.random.key(0), 32))
+  np.testing.assert_array_equal(a, buffers.pool_sample(pool, jax.random.key(0), 32))
 
 
 def test_empty_pool_sample_is_index_zero():
-  pool = memory.pool_init(4, SHAPE)
-  draws = memory.pool_sample(pool, jax.random.key(0), 10)
+  pool = buffers.pool_init(4, SHAPE)
+  draws = buffers.pool_sample(pool, jax.random.key(0), 10)
   np.testing.assert_array_equal(draws, np.zeros((10, *SHAPE)))
 
 
 def test_push_more_than_capacity_raises():
-  pool = memory.pool_init(5, SHAPE)
+  pool = buffers.pool_init(5, SHAPE)
   with pytest.raises(ValueError, match="capacity 5"):
-    memory.pool_push(pool, _images(range(6)))
+    buffers.pool_push(pool, _images(range(6)))
 
 
 def test_push_exactly_capacity():
-  pool = memory.pool_push(memory.pool_init(3, SHAPE), _images([1, 2]))
-  pool = memory.pool_push(pool, _images([7, 8, 9]))
+  pool = buffers.pool_push(buffers.pool_init(3, SHAPE), _images([1, 2]))
+  pool = buffers.pool_push(pool, _images([7, 8, 9]))
   # Slots 2, 0, 1 receive 7, 8, 9; the cursor comes back to 2.
   assert _ids(pool.images) == [8, 9, 7]
   assert int(pool.cursor) == 2 and int(pool.count) == 3
@@ -110,9 +110,9 @@ def _slot_ids(bank):
 
 
 def test_bank_push_wraps_around_oldest_first():
-  bank = memory.bank_init(3, 2, SHAPE)
+  bank = buffers.bank_init(3, 2, SHAPE)
   assert bank.slots == 3 and bank.slot_size == 2 and int(bank.count) == 0
-  push = jax.jit(memory.bank_push)
+  push = jax.jit(buffers.bank_push)
   for v in (1, 2, 3, 4, 5):
     bank = push(bank, _batch(v))
   # Slots hold pushes 4, 5, 3: the 4th and 5th overwrote the two oldest (1, 2).
@@ -124,11 +124,11 @@ def test_bank_push_wraps_around_oldest_first():
 
 
 def test_bank_samples_only_filled_slots_and_flags_empty():
-  bank = memory.bank_init(5, 2, SHAPE)
-  x, valid = memory.bank_sample(bank, jax.random.key(0))
+  bank = buffers.bank_init(5, 2, SHAPE)
+  x, valid = buffers.bank_sample(bank, jax.random.key(0))
   assert not bool(valid) and x.shape == (2, *SHAPE) and not np.any(np.asarray(x))
-  bank = memory.bank_push(memory.bank_push(bank, _batch(7)), _batch(8))
-  sample = jax.jit(memory.bank_sample)
+  bank = buffers.bank_push(buffers.bank_push(bank, _batch(7)), _batch(8))
+  sample = jax.jit(buffers.bank_sample)
   seen = set()
   for i in range(60):
     x, valid = sample(bank, jax.random.key(i))
@@ -138,21 +138,21 @@ def test_bank_samples_only_filled_slots_and_flags_empty():
 
 
 def test_bank_rejects_bad_pushes():
-  bank = memory.bank_init(2, 4, SHAPE)
+  bank = buffers.bank_init(2, 4, SHAPE)
   with pytest.raises(ValueError, match="slot of 4 images from a batch of 3"):
-    memory.bank_push(bank, _batch(1, n=3))
+    buffers.bank_push(bank, _batch(1, n=3))
   with pytest.raises(ValueError, match="do not fit"):
-    memory.bank_push(bank, jnp.zeros((4, 3, 3, 1)))
+    buffers.bank_push(bank, jnp.zeros((4, 3, 3, 1)))
   with pytest.raises(ValueError, match="slots >= 1"):
-    memory.bank_init(0, 4, SHAPE)
+    buffers.bank_init(0, 4, SHAPE)
 
 
 @pytest.mark.multidevice
 def test_bank_push_keeps_slot_axis_sharded_like_a_batch():
   from dfkd_jax import parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(8)
-  bank = memory.bank_init(2, 8, SHAPE)
-  bank = bank.replace(images=jax.device_put(bank.images, memory.bank_sharding(mesh)))
-  bank = jax.jit(lambda b, x: memory.bank_push(b, x, mesh))(bank, _batch(3, n=8))
-  assert bank.images.sharding.is_equivalent_to(memory.bank_sharding(mesh), 5)
+  bank = buffers.bank_init(2, 8, SHAPE)
+  bank = bank.replace(images=jax.device_put(bank.images, buffers.bank_sharding(mesh)))
+  bank = jax.jit(lambda b, x: buffers.bank_push(b, x, mesh))(bank, _batch(3, n=8))
+  assert bank.images.sharding.is_equivalent_to(buffers.bank_sharding(mesh), 5)
   assert {s.data.shape for s in bank.images.addressable_shards} == {(2, 1, *SHAPE)}

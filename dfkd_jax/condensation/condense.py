@@ -1,8 +1,8 @@
 r"""Builds the condensed set D_c of docs/methods.md §8: Distribution Matching (§9) or a few-shot sample.
 
-  python -m dfkd_jax.condense --kind dm --ipc 10 --pad_to 32 --iters 20000 \
+  python -m dfkd_jax.condensation.condense --kind dm --ipc 10 --pad_to 32 --iters 20000 \
       --out runs/condensed/fmnist_dm_ipc10.npz
-  python -m dfkd_jax.condense --kind fewshot --k 10 --pad_to 32 \
+  python -m dfkd_jax.condensation.condense --kind fewshot --k 10 --pad_to 32 \
       --out runs/condensed/fmnist_fewshot_k10.npz
 
 DM is not data-free: it runs on the data owner's side, on the real training split, and needs no
@@ -15,8 +15,8 @@ of the class, and the synthetic images take one SGD step (lr 1, momentum 0.5) on
 The few-shot kind keeps k real training images per class, drawn with --seed (the indices into the
 train split are recorded in the file's meta).
 
-Both write `--out` (a .npz read by `dfkd_jax.condensed.load_condensed`) in the teacher's
-normalised input space (the same normalisation and --pad_to as the teacher's data), and a PNG
+Both write `--out` (a .npz read by `dfkd_jax.condensation.condensed_set.load_condensed`) in the
+teacher's normalised input space (the same normalisation and --pad_to as the teacher's data), and a PNG
 grid of the images next to it (`<out without .npz>.png`, one row per class).
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def make_dm_step(model, real_images, index_table, counts, n_real: int, *, lr: fl
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from dfkd_jax import augment  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.ops import augment  # pylint: disable=g-import-not-at-top
   from dfkd_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
 
   augment.dsa_families(strategy)  # Validate early.
@@ -250,7 +250,7 @@ def distribution_matching(key, images_by_class: Sequence[np.ndarray], ipc: int, 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from dfkd_jax.logging_utils import format_seconds  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.io.logging_utils import format_seconds  # pylint: disable=g-import-not-at-top
   from dfkd_jax.models import convnet  # pylint: disable=g-import-not-at-top
 
   groups = [np.asarray(g, np.float32) for g in images_by_class]
@@ -361,7 +361,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m dfkd_jax.condense", description=__doc__.split("\n\n")[0],
+  p = _Parser(prog="python -m dfkd_jax.condensation.condense", description=__doc__.split("\n\n")[0],
               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", default="fashion_mnist", help="TFDS name (dfkd_jax.data.datasets)")
   p.add_argument("--data_dir", default=None,
@@ -410,12 +410,12 @@ def _check_args(args: argparse.Namespace) -> None:
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
-  from dfkd_jax import augment  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.ops import augment  # pylint: disable=g-import-not-at-top
   augment.dsa_families(args.dsa)
 
 
 def _save_grid(path: str, images: np.ndarray, info, ncol: int) -> None:
-  from dfkd_jax import viz  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.io import viz  # pylint: disable=g-import-not-at-top
   from dfkd_jax.data import datasets  # pylint: disable=g-import-not-at-top
   grid = viz.image_grid(np.asarray(datasets.denormalize(images, info)), ncol=ncol)
   viz.save_png(path, grid, scale=2 if ncol > 20 else 3)
@@ -423,7 +423,8 @@ def _save_grid(path: str, images: np.ndarray, info, ncol: int) -> None:
 
 def run(args: argparse.Namespace) -> dict:
   """Builds and writes the condensed set described by parsed flags; returns its meta."""
-  from dfkd_jax import condensed  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from dfkd_jax.condensation import condensed_set as condensed
   from dfkd_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   info = datasets.get_info(args.dataset)

@@ -1,7 +1,7 @@
 """Condensed-sample-guided model inversion (docs/methods.md §8), as pieces any host method wires in.
 
-A small condensed set D_c (dataset-distillation output, e.g. `python -m dfkd_jax.condense`, or
-k real images per class) lives in `DFKDState.condensed` as `{"images", "labels"}`. With
+A small condensed set D_c (dataset-distillation output, e.g.
+`python -m dfkd_jax.condensation.condense`, or k real images per class) lives in `DFKDState.condensed` as `{"images", "labels"}`. With
 `config.guidance="condensed"`:
 
 - a class-conditional projection discriminator D (`models.discriminator`) scores teacher
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import augment
+from dfkd_jax.ops import augment
 from dfkd_jax import state as state_lib
 from dfkd_jax.models import discriminator as disc_lib
 

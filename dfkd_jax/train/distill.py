@@ -1,5 +1,5 @@
 """Data-free distillation runs: builds a method's state and step and trains it in the shared
-loop (`dfkd_jax.loop`).
+loop (`dfkd_jax.train.loop`).
 
 Each outer iteration is ONE jitted call of `method.step` with the `DFKDState` donated; inner
 repeats are `lax.scan`s inside it. The loop never syncs with the host between log points (the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from typing import Callable, NamedTuple
 
 import chex
 import jax
@@ -18,26 +19,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dfkd_jax import condensed as condensed_lib
-from dfkd_jax import evaluation
-from dfkd_jax import loop as loop_lib
-from dfkd_jax import memory
+from dfkd_jax.condensation import condensed_set as condensed_lib
+from dfkd_jax.train import evaluation
+from dfkd_jax.train import loop as loop_lib
+from dfkd_jax.ops import buffers
 from dfkd_jax import methods as methods_lib
-from dfkd_jax import model_io
+from dfkd_jax.io import model_io
 from dfkd_jax import models as models_lib
 from dfkd_jax import parallel
 from dfkd_jax import phases
 from dfkd_jax import state as state_lib
-from dfkd_jax import viz
+from dfkd_jax.io import viz
 from dfkd_jax.data import datasets
 
 
 NonFiniteLossError = loop_lib.NonFiniteLossError  # re-exported (raised by the loop)
 
 
-def build(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_shape=None,
-          num_classes=None):
-  """Loads the teacher and builds `(ctx, method)` for `config` (no data loading)."""
+def context(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_shape=None,
+            num_classes=None):
+  """Loads the teacher (unless given) and the condensed set; returns `(ctx, teacher_meta)`
+  (`teacher_meta` is None for a given teacher). No dataset is loaded."""
   methods_lib.check_method(config.method)  # before reading the method's config blocks
   info = datasets.get_info(config.dataset)
   mesh = mesh or parallel.make_mesh(config.num_devices or None)
@@ -62,14 +64,42 @@ def build(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_shap
   if config.get("guidance", "none") != "none":
     if not config.condensed.path:
       raise ValueError(f"config.guidance={config.guidance!r} needs config.condensed.path (an "
-                       ".npz from `python -m dfkd_jax.condense`).")
+                       ".npz from `python -m dfkd_jax.condensation.condense`).")
     images, labels, _ = condensed_lib.load_condensed(
         config.condensed.path, image_shape=tuple(image_shape), num_classes=num_classes)
     condensed = (images, labels)
   ctx = methods_lib.Context(config=config, teacher=teacher, student_module=student_module,
                             num_classes=num_classes, image_shape=tuple(image_shape), mesh=mesh,
                             condensed=condensed)
+  return ctx, teacher_meta
+
+
+def build(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_shape=None,
+          num_classes=None):
+  """`(ctx, method, teacher_meta)`: the context and the registry's `Method(init, step)` for
+  `config.method` (its step takes `(state, key)`; `assemble` makes the jitted outer step)."""
+  ctx, teacher_meta = context(config, mesh, teacher, image_shape, num_classes)
   return ctx, methods_lib.make_method(ctx), teacher_meta
+
+
+class Assembled(NamedTuple):
+  """What running `config.method` needs: its context, jitted outer step and placed state."""
+  ctx: methods_lib.Context
+  step: Callable  # (state) -> (state, metrics), state donated
+  state: object
+  teacher_meta: dict | None
+
+
+def assemble(config: ml_collections.ConfigDict, *, mesh=None, teacher=None, image_shape=None,
+             num_classes=None, seed: int | None = None, max_traces: int = 1) -> Assembled:
+  """Context, method (from the registry), per-iteration keys, the initial state placed on the
+  mesh (seed: `config.seed` unless given) and the jitted, donated outer step."""
+  ctx, teacher_meta = context(config, mesh, teacher, image_shape, num_classes)
+  method = wrap_step(methods_lib.make_method(ctx))
+  state = place_state(method.init(jax.random.key(config.seed if seed is None else seed)),
+                      ctx.mesh)
+  chex.clear_trace_counter()  # a run builds its own step; earlier runs share its source
+  return Assembled(ctx, make_step(method, max_traces), state, teacher_meta)
 
 
 def make_step(method, max_traces: int = 1):
@@ -110,7 +140,7 @@ def place_state(state, mesh):
   state = parallel.replicate(state, mesh)
   if state.bank is not None:
     state = state.replace(bank=state.bank.replace(
-        images=jax.device_put(state.bank.images, memory.bank_sharding(mesh))))
+        images=jax.device_put(state.bank.images, buffers.bank_sharding(mesh))))
   return state
 
 
@@ -133,7 +163,7 @@ def replay_bytes(state) -> int:
 def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Distils `config.student.model` from the teacher in `config.teacher.workdir` data-free."""
   info = datasets.get_info(config.dataset)
-  ctx, method, teacher_meta = build(config)
+  ctx, step_fn, state, teacher_meta = assemble(config)
   mesh = ctx.mesh
   x_test, y_test = datasets.load_split(config.dataset, info.test_split, config.data_dir or None,
                                        config.pad_to or None, limit=config.test_limit or None)
@@ -141,10 +171,6 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_labels = parallel.replicate(jnp.asarray(y_test), mesh)
   d = config.distill
 
-  method = wrap_step(method)
-  state = place_state(method.init(jax.random.key(config.seed)), mesh)
-  chex.clear_trace_counter()  # a run builds its own step; earlier runs share its source
-  step_fn = make_step(method)
   preview = jax.jit(functools.partial(synthetic_preview, ctx=ctx, n=64))
 
   def evaluate(state):
@@ -164,7 +190,8 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                d.checkpoint_every, config.max_to_keep, budget)
   out = loop_lib.run(
       schedule, state, lambda s, _: step_fn(s), evaluate, workdir,
-      config_json=config.to_json_best_effort(indent=2), teacher_sha256=teacher_meta["sha256"] if teacher_meta else None, on_eval=pictures,
+      config_json=config.to_json_best_effort(indent=2),
+      teacher_sha256=teacher_meta["sha256"] if teacher_meta else None, on_eval=pictures,
       print_keys=lambda m: [k for k in m if k.endswith("loss") or k.endswith("agree")])
   state, history, it = out.state, out.history, out.steps
   stats = evaluation.robustness(history["accuracy"])

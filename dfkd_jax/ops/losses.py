@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dfkd_jax import bn_stats
+from dfkd_jax.ops import bn_stats
 
 PyTree = Any
 LayerPath = tuple[str, ...]

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfkd_jax import checkpointing
+from dfkd_jax.io import checkpointing
 from dfkd_jax import compile as compile_lib
-from dfkd_jax import logging_utils
+from dfkd_jax.io import logging_utils
 from dfkd_jax import numerics as numerics_lib
 
 

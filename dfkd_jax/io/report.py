@@ -1,12 +1,12 @@
 r"""Compares finished runs: one markdown table and one accuracy plot from their `summary.json`.
 
-  python -m dfkd_jax.report runs/demo/* [--out_md F] [--out_png F] [--title T]
+  python -m dfkd_jax.io.report runs/demo/* [--out_md F] [--out_png F] [--title T]
 
 Runs are grouped by `summary["label"]` if present, else by `method` (plus `guidance` when it is
 set and not "none"); the runs of a group are the seeds of one setting. Each table row gives the
 final accuracy as mean ± std over seeds and the means of the other numbers. A folder given
 without a `summary.json` is skipped with a note, unless its sub-folders hold runs (so
-`python -m dfkd_jax.report runs/demo` works too).
+`python -m dfkd_jax.io.report runs/demo` works too).
 
 The functions are pure and importable (notebooks use them): `load_runs`, `group_runs`,
 `aggregate`, `markdown_table`, `curve_band`, `plot_groups`.
@@ -253,8 +253,8 @@ def plot_groups(groups: dict[str, list[dict]], path: str | None = None, title: s
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m dfkd_jax.report", description=__doc__.split("\n\n")[0],
-      epilog="Example: python -m dfkd_jax.report runs/demo/* --out_md runs/demo/report.md")
+      prog="python -m dfkd_jax.io.report", description=__doc__.split("\n\n")[0],
+      epilog="Example: python -m dfkd_jax.io.report runs/demo/* --out_md runs/demo/report.md")
   parser.add_argument("runs", nargs="+", help="run folders (each holding summary.json)")
   parser.add_argument("--out_md", default=None, help="also write the table to this file")
   parser.add_argument("--out_png", default=None,

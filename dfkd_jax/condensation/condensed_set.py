@@ -1,8 +1,8 @@
 """The condensed-set file: one `.npz` with the images, their labels and a JSON `meta` record.
 
 A condensed set D_c (docs/methods.md §8) is either the output of Distribution Matching (§9,
-`python -m dfkd_jax.condense --kind dm`) or k real training images per class (the few-shot
-variant, `--kind fewshot`). Either way it is stored in the teacher's *normalised* input space:
+`python -m dfkd_jax.condensation.condense --kind dm`) or k real training images per class (the
+few-shot variant, `--kind fewshot`). Either way it is stored in the teacher's *normalised* input space:
 the same normalisation and padding as `dfkd_jax.data.datasets.load_split(..., pad_to=...)`
 returns, so the images can be fed to the teacher as they are.
 
@@ -27,7 +27,7 @@ import numpy as np
 from dfkd_jax.data import datasets
 
 _KEYS = ("images", "labels", "meta")
-_REBUILD = "python -m dfkd_jax.condense"
+_REBUILD = "python -m dfkd_jax.condensation.condense"
 
 
 class CondensedDataError(ValueError):

@@ -2,7 +2,7 @@
 with a VAE (docs/methods.md §7). Both keep the student from forgetting what it learned on earlier
 generator distributions; they differ in what they store:
 
-- memory bank: `slots` stored batches of `slot_size` synthetic images (`memory.MemoryBank`),
+- memory bank: `slots` stored batches of `slot_size` synthetic images (`buffers.MemoryBank`),
   `slots * slot_size * H * W * C * 4` bytes, constant once full;
 - VAE: E_m and G_m parameters (constant); G_m generates the replay samples on demand.
 
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfkd_jax import combinators
-from dfkd_jax import losses
-from dfkd_jax import memory
+from dfkd_jax.phases import combinators
+from dfkd_jax.ops import losses
+from dfkd_jax.ops import buffers
 from dfkd_jax import phases
 
 
@@ -37,7 +37,7 @@ def bank_push_phase(*, every: int, slot_size: int, latent_dim: int, mesh):
 
   def push(state, key):
     x = phases.sample_generator(state, key, slot_size, latent_dim, mesh)
-    return state.replace(bank=memory.bank_push(state.bank, x, mesh)), {}
+    return state.replace(bank=buffers.bank_push(state.bank, x, mesh)), {}
 
   pushed = combinators.when(lambda state, _: state.step % every == 0, push)
 
@@ -53,7 +53,7 @@ def bank_extra(batch: int):
   `normalize=True` the loss is the KD loss over the concatenation), 0 while the bank is empty."""
 
   def extra(state, key):
-    x, valid = memory.bank_sample(state.bank, key)
+    x, valid = buffers.bank_sample(state.bank, key)
     return x, valid.astype(jnp.float32) * (state.bank.slot_size / batch)
 
   return extra

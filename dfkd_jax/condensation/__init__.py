@@ -1,0 +1,1 @@
+"""Condensed sets: Distribution Matching / few-shot condensation and the .npz file."""

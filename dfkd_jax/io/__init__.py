@@ -1,0 +1,1 @@
+"""Files in and out: checkpoints, saved models, run logs, reports and pictures."""

@@ -1,0 +1,1 @@
+"""Pure functional ops: losses, BatchNorm statistics, augmentation, image buffers."""

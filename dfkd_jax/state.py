@@ -1,7 +1,7 @@
 """Functional train states: one `TrainState` per trainable model, `FrozenModel` for the teacher."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 from flax import struct
@@ -78,20 +78,51 @@ def tree_bytes(tree: PyTree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+class Part(NamedTuple):
+  """One piece of a method's state, kept in `DFKDState.parts[name]`.
+
+  `init(key, ctx) -> pytree` builds it from the run's initialisation key (each part derives its
+  own key from it) and the method context (`dfkd_jax.methods.Context`). A method lists the parts
+  its phases read (a generator, an image pool, a memory bank, a VAE, a discriminator, its own
+  small state); `dfkd_jax.methods.base.init_state` builds them, so a new piece needs no edit of
+  this class or of a central initialiser. A part's value may define `place(mesh) -> value` to
+  choose its own placement on the mesh (the memory bank is sharded like a batch); everything else
+  is replicated.
+  """
+  name: str
+  init: Callable[[jax.Array, Any], PyTree]
+
+
 class DFKDState(struct.PyTreeNode):
   """Everything a data-free distillation run needs to resume exactly.
 
-  All synthetic data are a function of (rng, step), so this pytree (checkpointed whole) is the
-  run. Per-phase keys are `fold_in(fold_in(rng, step), phase_id)`.
+  The core every method has (step, rng, frozen teacher, student) plus the method's own `parts`
+  (`Part`s by name: "generator", "pool", "bank", "vae", "discriminator", "condensed", ...). A part
+  reads as an attribute (`state.generator`); `with_parts(generator=g)` replaces parts. All
+  synthetic data are a function of (rng, step), so this pytree (checkpointed whole, less the
+  teacher) is the run. Per-phase keys are `fold_in(fold_in(rng, step), phase_id)`.
   """
   step: jax.Array
   rng: jax.Array
   teacher: FrozenModel
   student: TrainState
-  generator: TrainState | None = None
-  pool: Any = None            # memory.ImagePool (DeepInversion/ADI)
-  bank: Any = None            # MB-DFKD memory bank
-  vae: TrainState | None = None
-  discriminator: TrainState | None = None
-  condensed: Any = None
-  method_state: Any = None    # a method's own small state (Fast/NAYER: BN-momentum targets)
+  parts: dict = struct.field(default_factory=dict)
+
+  def __getattr__(self, name: str):
+    # Only reached when `name` is not a field: look it up among the parts.
+    if name.startswith("__") or name == "parts":
+      raise AttributeError(name)
+    parts = self.__dict__.get("parts") or {}
+    if name in parts:
+      return parts[name]
+    raise AttributeError(f"This method's state has no part {name!r} (its parts: "
+                         f"{sorted(parts) or 'none'}); phases that read it need a method that "
+                         f"lists the part (see dfkd_jax.state.Part).")
+
+  def has(self, name: str) -> bool:
+    """Whether the state holds part `name`."""
+    return name in self.parts
+
+  def with_parts(self, **parts) -> "DFKDState":
+    """A copy with the named parts replaced (or added)."""
+    return self.replace(parts={**self.parts, **parts})

@@ -139,10 +139,10 @@ def test_pool_grows_by_the_kept_batches(method, per_iter):
       min(i * per_iter * b, capacity) for i in range(steps.STEPS + 1)]
   assert np.abs(r.states[1].pool.images[:b]).sum() > 0
   # The bn_mmt memory is recorded after the first synthesis.
-  assert not bool(r.states[0].method_state["ready"]) and bool(r.states[1].method_state["ready"])
+  assert not bool(r.states[0].bn_memory["ready"]) and bool(r.states[1].bn_memory["ready"])
 
 
-def _run_with(method, steps=3, student_steps=None, **block):
+def _run_with(method, iters=3, student_steps=None, **block):
   config = steps.tiny_config(method)
   config[method].update(block)
   if student_steps:
@@ -152,12 +152,12 @@ def _run_with(method, steps=3, student_steps=None, **block):
   chex.clear_trace_counter()
   step = distill.make_step(m)  # advances state.step; the state is donated
   out, updates = [], []
-  for _ in range(steps):
+  for _ in range(iters):
     before, n = jax.device_get(state.student.params), int(state.student.step)
     state, metrics = step(state)
     out.append((before, jax.device_get(state.student.params), jax.device_get(metrics)))
     updates.append(int(state.student.step) - n)
-  _UPDATES[(method, steps)] = updates
+  _UPDATES[(method, iters)] = updates
   return config, out
 
 
@@ -166,7 +166,7 @@ _UPDATES = {}
 
 @pytest.mark.parametrize("method", ["fast", "nayer"])
 def test_warmup_skips_the_student_and_the_adversarial_term(method):
-  config, out = _run_with(method, steps=2, warmup=1)
+  config, out = _run_with(method, iters=2, warmup=1)
   (b0, a0, m0), (b1, a1, m1) = out
   assert steps.tree_equal(b0, a0)          # iteration 0: warm-up, student untouched
   assert not steps.tree_equal(b1, a1)      # iteration 1: the student trains
@@ -179,7 +179,7 @@ def test_warmup_skips_the_student_and_the_adversarial_term(method):
 
 def test_nayer_generator_life_resets_the_generator_and_chunks_count_every_step():
   # 4 student steps in scanned chunks of 2: still 4 updates per iteration.
-  _, out = _run_with("nayer", steps=3, g_life=2, student_steps=4, student_chunk=2)
+  _, out = _run_with("nayer", iters=3, g_life=2, student_steps=4, student_chunk=2)
   assert [float(m["synth/reset"]) for _, _, m in out] == [0.0, 0.0, 1.0]
   assert _UPDATES[("nayer", 3)] == [4, 4, 4]
 
@@ -195,7 +195,7 @@ def test_chunked_loop_runs_every_index_once_in_order(n, chunk):
 def test_nayer_chunked_synthesis_trains():
   # The same steps as the unrolled loop (the test above); Adam's sign-like first updates
   # amplify float rounding, so the two runs are not compared number by number.
-  _, out = _run_with("nayer", steps=2, g_steps=6, synth_chunk=2)
+  _, out = _run_with("nayer", iters=2, g_steps=6, synth_chunk=2)
   for _, _, m in out:
     assert np.isfinite(float(m["synth/loss"]))
     assert float(m["synth/best_loss"]) <= float(m["synth/loss"]) + 1e-6

@@ -68,10 +68,5 @@ def check_method(name: str) -> None:
                      "supervised runs).")
 
 
-def make_method(ctx: Context) -> types.Method:
-  check_method(ctx.config.method)
-  return METHODS[ctx.config.method].build(ctx)
-
-
 __all__ = ["ALL_METHODS", "KD_METHODS", "METHODS", "MethodSpec", "SUPERVISED_METHODS", "Context",
-           "check_method", "make_method", "base"]
+           "check_method", "base"]

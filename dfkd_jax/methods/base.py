@@ -1,8 +1,8 @@
-"""What every method builder receives, and the shared state initialiser."""
+"""What every method builder receives: the context, the generator part and the state initialiser."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from dfkd_jax.phases import guidance as guidance_lib
-from dfkd_jax.ops import buffers
 from dfkd_jax import models as models_lib
 from dfkd_jax import optim
 from dfkd_jax import phases
 from dfkd_jax import state as state_lib
 from dfkd_jax.data import datasets
+from dfkd_jax.state import Part
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,28 +78,40 @@ def make_generator(ctx: Context) -> nn.Module:
   raise ValueError(f"Unknown generator kind {g.kind!r}; valid: dafl, zskt, sigmoid.")
 
 
-def init_state(key, ctx: Context, *, generator: nn.Module | None = None,
-               pool_capacity: int = 0, bank: tuple[int, int] | None = None,
-               vae: tuple[nn.Module, Any] | None = None, generator_input=None,
-               method_state: Callable | None = None,
+def generator_part(ctx: Context, module: nn.Module | None = None, sample_input=None) -> Part:
+  """The "generator" part: `module` (default `make_generator(ctx)`) with `config.gen_optimizer`
+  over `distill.num_iters` updates; `sample_input` is a sample generator input (default latents
+  `[2, distill.latent_dim]`)."""
+  module = make_generator(ctx) if module is None else module
+
+  def init(key, ctx):
+    cfg = ctx.config
+    z0 = (jnp.zeros((2, cfg.distill.latent_dim), jnp.float32) if sample_input is None
+          else sample_input)
+    variables = module.init(jax.random.split(key, 3)[1], z0, train=False)
+    return state_lib.TrainState.create(
+        apply_fn=module.apply, params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=optim.make_optimizer(cfg.gen_optimizer, cfg.distill.num_iters))
+
+  return Part("generator", init)
+
+
+def init_state(key, ctx: Context, parts: Sequence[Part] = (), *,
                student_updates: int | None = None) -> state_lib.DFKDState:
-  """Fresh student (and generator / pool / memory bank / VAE / discriminator) around the
-  frozen teacher.
+  """A fresh student around the frozen teacher, plus the method's `parts` and, when
+  `config.guidance` asks for it, the guidance parts (condensed set, discriminator).
 
   Args:
-    key: PRNG key.
+    key: PRNG key (the student, the run's rng and every part derive their keys from it).
     ctx: the method context.
-    generator: generator module (generator methods).
-    pool_capacity: image pool size (DeepInversion/ADI).
-    bank: `(slots, slot_size)` of an MB-DFKD memory bank.
-    vae: `(module, optimizer config)` of a PRE-DFKD memory generator.
-    generator_input: a sample generator input (default: latents `[2, distill.latent_dim]`).
-    method_state: `method_state(teacher) -> pytree`, the method's own state (or None).
+    parts: the method's own state pieces (`dfkd_jax.state.Part`), e.g. `generator_part(ctx)`,
+      `phases.pool_part(n)`, `replay.bank_part(...)`, `replay.vae_part(...)`.
     student_updates: the student's optimizer steps in the run, for its schedule (default
       `num_iters * student_steps`; methods with a warm-up without student steps pass fewer).
   """
   cfg = ctx.config
-  k_s, k_g, k_rng = jax.random.split(key, 3)
+  k_s, _, k_rng = jax.random.split(key, 3)
   x0 = jnp.zeros((1, *ctx.image_shape), jnp.float32)
   s_params, s_bs = state_lib.init_model(ctx.student_module, k_s, x0)
   total_student_updates = (cfg.distill.num_iters * cfg.distill.student_steps
@@ -107,37 +119,12 @@ def init_state(key, ctx: Context, *, generator: nn.Module | None = None,
   student = state_lib.TrainState.create(
       apply_fn=ctx.student_module.apply, params=s_params, batch_stats=s_bs,
       tx=optim.make_optimizer(cfg.optimizer, total_student_updates))
-  gen_state = None
-  if generator is not None:
-    z0 = (jnp.zeros((2, cfg.distill.latent_dim), jnp.float32) if generator_input is None
-          else generator_input)
-    variables = generator.init(k_g, z0, train=False)
-    gen_state = state_lib.TrainState.create(
-        apply_fn=generator.apply, params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        tx=optim.make_optimizer(cfg.gen_optimizer, cfg.distill.num_iters))
-  pool = buffers.pool_init(pool_capacity, ctx.image_shape) if pool_capacity else None
-  bank_state = buffers.bank_init(*bank, ctx.image_shape) if bank else None
-  vae_state = None
-  if vae is not None:
-    module, opt_cfg = vae
-    variables = module.init({"params": jax.random.fold_in(key, 101)}, x0,
-                            jax.random.fold_in(key, 102), train=False)
-    vae_state = state_lib.TrainState.create(
-        apply_fn=module.apply, params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        tx=optim.make_optimizer(opt_cfg, cfg.distill.num_iters))
-  spec, disc, condensed = ctx.guidance, None, None
-  if spec is not None:
-    images, labels = ctx.condensed
-    condensed = {"images": jnp.asarray(images, jnp.float32),
-                 "labels": jnp.asarray(labels, jnp.int32)}
-    disc = guidance_lib.init_discriminator(jax.random.fold_in(key, 103), spec, ctx.teacher,
-                                           ctx.image_shape, ctx.num_classes, cfg)
+  parts = tuple(parts) + guidance_lib.parts(ctx.guidance)
+  names = [p.name for p in parts]
+  if len(set(names)) != len(names):
+    raise ValueError(f"Two state parts share a name: {names}.")
   return state_lib.DFKDState(step=jnp.zeros((), jnp.int32), rng=k_rng, teacher=ctx.teacher,
-                             student=student, generator=gen_state, pool=pool, bank=bank_state,
-                             vae=vae_state, discriminator=disc, condensed=condensed,
-                             method_state=method_state(ctx.teacher) if method_state else None)
+                             student=student, parts={p.name: p.init(key, ctx) for p in parts})
 
 
 def shared_z_key(state):

@@ -45,6 +45,7 @@ from dfkd_jax.ops import buffers
 from dfkd_jax import models as models_lib
 from dfkd_jax import parallel
 from dfkd_jax import phases
+from dfkd_jax import state as state_lib
 from dfkd_jax.methods import base
 from dfkd_jax.types import Method
 
@@ -89,7 +90,7 @@ def _synthesis_loss(w, state, x, key, labels, *, adv_on, jitter, rho, guidance):
   """The Fast/NAYER synthesis loss on generator output x: (total, (terms, bn_stats, h))."""
   view = augment.jitter_flip(key, x, jitter, False) if jitter else x
   total, terms, aux = phases.synthesis_terms(
-      w, view, state, labels=labels, student_train=False, bn_memory=state.method_state,
+      w, view, state, labels=labels, student_train=False, bn_memory=state.bn_memory,
       bn_momentum=rho)
   if w.adv:  # the adversarial term waits for the warm-up to end
     total = total - (1.0 - adv_on.astype(jnp.float32)) * w.adv * terms["adv"]
@@ -104,11 +105,11 @@ def _synthesis_loss(w, state, x, key, labels, *, adv_on, jitter, rho, guidance):
 
 def _finish_synthesis(state, best_x, stats, rho, metrics):
   """bn_mmt memory update from the last forward, best batch into the pool."""
-  method_state = state.method_state
+  bn_memory = state.bn_memory
   if stats is not None and rho:
-    method_state = phases.update_bn_memory(method_state, stats, rho)
-  pool = buffers.pool_push(state.pool, jax.lax.stop_gradient(best_x))
-  return state.replace(pool=pool, method_state=method_state), metrics
+    bn_memory = phases.update_bn_memory(bn_memory, stats, rho)
+  pool = buffers.add(state.pool, jax.lax.stop_gradient(best_x))
+  return state.with_parts(pool=pool, bn_memory=bn_memory), metrics
 
 
 def _pool_image_shape(state):
@@ -163,11 +164,11 @@ def _check_common(ctx, block, name):
 
 
 def _init(ctx, block, generator, generator_input):
-  return functools.partial(
-      base.init_state, ctx=ctx, generator=generator, pool_capacity=block.pool_size,
-      generator_input=generator_input,
-      student_updates=(ctx.d.num_iters - block.warmup) * ctx.d.student_steps,
-      method_state=lambda teacher: bn_memory_init(teacher, ctx.image_shape))
+  parts = (base.generator_part(ctx, generator, generator_input), phases.pool_part(block.pool_size),
+           state_lib.Part("bn_memory", lambda key, ctx: bn_memory_init(ctx.teacher,
+                                                                       ctx.image_shape)))
+  return functools.partial(base.init_state, ctx=ctx, parts=parts,
+                           student_updates=(ctx.d.num_iters - block.warmup) * ctx.d.student_steps)
 
 
 # --------------------------------------------------------------------------- Fast-DFKD
@@ -201,7 +202,7 @@ def fast_synthesis(w: phases.SynthesisWeights, *, batch: int, latent_dim: int, n
     def body(carry, i):
       theta, z, og, oz, gsum, best, disc, _, _, _ = carry
       kk = jax.random.fold_in(k_loop, i)
-      st = state.replace(discriminator=disc)
+      st = guidance_lib.with_discriminator(state, disc)
       (total, (x, g_bs, terms, stats, h)), (gt, gz) = jax.value_and_grad(
           loss_fn, argnums=(0, 1), has_aux=True)(theta, z, st, kk)
       best = _keep_best(best, total, jax.lax.stop_gradient(x))
@@ -210,18 +211,18 @@ def fast_synthesis(w: phases.SynthesisWeights, *, batch: int, latent_dim: int, n
       uz, oz = tx_z.update(gz, oz, z)
       st, d_metrics = _disc_step(guidance, st, jax.random.fold_in(kk, 12), h, y)
       return (optax.apply_updates(theta, ug), optax.apply_updates(z, uz), og, oz, gsum, best,
-              st.discriminator, g_bs, stats, {"loss": total, **terms, **d_metrics})
+              guidance_lib.discriminator_of(st), g_bs, stats, {"loss": total, **terms, **d_metrics})
 
     init_x = jnp.zeros((batch, *_pool_image_shape(state)), jnp.float32)
     carry = (g.params, z, tx_g.init(g.params), tx_z.init(z),
-             jax.tree.map(jnp.zeros_like, g.params), (jnp.inf, init_x), state.discriminator,
+             jax.tree.map(jnp.zeros_like, g.params), (jnp.inf, init_x), guidance_lib.discriminator_of(state),
              g.batch_stats, None, None)
     # one traced step fixes the carry's structure (stats, metrics) for the loop
     carry = body(carry, jnp.asarray(0, jnp.int32))
     carry = _loop(k - 1, lambda c, i: body(c, i + 1), carry, unroll) if k > 1 else carry
     _, _, _, _, gsum, (best_loss, best_x), disc, g_bs, stats, metrics = carry
-    state = state.replace(generator=g.apply_gradients(gsum, batch_stats=g_bs),
-                          discriminator=disc)
+    state = guidance_lib.with_discriminator(
+        state.with_parts(generator=g.apply_gradients(gsum, batch_stats=g_bs)), disc)
     metrics = {**metrics, "best_loss": best_loss, "meta_grad_norm": optax.tree.norm(gsum)}
     return _finish_synthesis(state, best_x, stats, bn_momentum, metrics)
 
@@ -342,26 +343,27 @@ def nayer_synthesis(w: phases.SynthesisWeights, generator, embeddings: np.ndarra
       def body(carry, i, k_loop=k_loop, state=state):
         p, opt, best, disc, _, _, _ = carry
         kk = jax.random.fold_in(k_loop, 100 + i)
-        st = state.replace(discriminator=disc)
+        st = guidance_lib.with_discriminator(state, disc)
         (total, (x, new_bs, terms, stats, h)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(p, st, kk)
         best = _keep_best(best, total, jax.lax.stop_gradient(x))
         updates, opt = tx.update(grads, opt, p)
         st, d_metrics = _disc_step(guidance, st, jax.random.fold_in(kk, 12), h, y)
-        return (optax.apply_updates(p, updates), opt, best, st.discriminator, new_bs, stats,
+        return (optax.apply_updates(p, updates), opt, best, guidance_lib.discriminator_of(st),
+                new_bs, stats,
                 {"loss": total, **terms, **d_metrics})
 
       init_x = jnp.zeros((batch, *_pool_image_shape(state)), jnp.float32)
-      carry = body((params, tx.init(params), (jnp.inf, init_x), state.discriminator, g_bs, None,
+      carry = body((params, tx.init(params), (jnp.inf, init_x), guidance_lib.discriminator_of(state), g_bs, None,
                     None), jnp.asarray(0, jnp.int32))
       if g_steps > 1:
         carry = _loop(g_steps - 1, lambda c, i: body(c, i + 1), carry, unroll, chunk)
       params, _, (best_loss, best_x), disc, g_bs, stats, metrics = carry
-      state, metrics = state.replace(discriminator=disc), metrics
+      state = guidance_lib.with_discriminator(state, disc)
       state, metrics = _finish_synthesis(state, best_x, stats, bn_momentum,
                                          {**metrics, "best_loss": best_loss})
-    state = state.replace(generator=state.generator.replace(params=params, batch_stats=g_bs,
-                                                            step=g.step + 1))
+    state = state.with_parts(generator=state.generator.replace(params=params, batch_stats=g_bs,
+                                                               step=g.step + 1))
     return state, {**metrics, "reset": reset.astype(jnp.float32)}
 
   return phase

@@ -22,8 +22,8 @@ from dfkd_jax.types import Method
 
 
 def _wrap(ctx, body, generator) -> Method:
-  return Method(init=functools.partial(base.init_state, ctx=ctx, generator=generator),
-                step=body)
+  return Method(init=functools.partial(base.init_state, ctx=ctx,
+                                     parts=(base.generator_part(ctx, generator),)), step=body)
 
 
 def _sample(ctx, z_key=None):

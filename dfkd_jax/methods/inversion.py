@@ -32,7 +32,7 @@ def make_deepinversion(ctx: base.Context) -> Method:
   body = combinators.sequence(("synth", synth),
                               ("student", combinators.repeat(d.student_steps, student,
                                                            unroll=d.unroll)))
-  init = functools.partial(base.init_state, ctx=ctx, pool_capacity=di.pool_size)
+  init = functools.partial(base.init_state, ctx=ctx, parts=(phases.pool_part(di.pool_size),))
   if di.pool_size < d.batch_size:
     raise ValueError(f"deepinversion.pool_size={di.pool_size} must hold at least one batch "
                      f"({d.batch_size}).")

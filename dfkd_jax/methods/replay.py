@@ -52,8 +52,8 @@ def make_mb_dfkd(ctx: base.Context) -> Method:
       ("student", combinators.repeat(d.student_steps, student, unroll=d.unroll)),
       ("bank", replay.bank_push_phase(every=mb.push_every, slot_size=mb.slot_size,
                                       latent_dim=d.latent_dim, mesh=ctx.mesh)))
-  init = functools.partial(base.init_state, ctx=ctx, generator=base.make_generator(ctx),
-                           bank=(mb.slots, mb.slot_size))
+  init = functools.partial(base.init_state, ctx=ctx, parts=(
+      base.generator_part(ctx), replay.bank_part(mb.slots, mb.slot_size)))
   return Method(init=init, step=body)
 
 
@@ -88,8 +88,8 @@ def make_pre_dfkd(ctx: base.Context) -> Method:
   if d.student_steps > p.vae_steps:
     phases_.append(("kd", combinators.repeat(d.student_steps - p.vae_steps, kd(with_vae=False),
                                              unroll=d.unroll)))
-  init = functools.partial(base.init_state, ctx=ctx, generator=base.make_generator(ctx),
-                           vae=(vae_module(ctx), p.vae_optimizer))
+  init = functools.partial(base.init_state, ctx=ctx, parts=(
+      base.generator_part(ctx), replay.vae_part(vae_module(ctx), p.vae_optimizer)))
   return Method(init=init, step=combinators.sequence(*phases_))
 
 

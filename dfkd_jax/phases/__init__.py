@@ -2,7 +2,9 @@
 
 Each phase differentiates only its own model's parameters and stops gradients into the others
 where the method says so. Factories take static configuration (Python numbers, loss names,
-batch sizes) and the mesh; every array lives in the `DFKDState`, never in a closure.
+batch sizes) and the mesh; every array lives in the `DFKDState` (the parts a phase reads are built by the `*_part`
+functions next to it: `pool_part` here, `replay.bank_part`, `replay.vae_part`,
+`guidance.parts`, `methods.base.generator_part`), never in a closure.
 
 Synthesis losses (docs/methods.md §0.2, §10) are assembled by `synthesis_terms` from weights
 `w.{oh, ie, act, adv, bn, tv, l2, ce}`; a zero weight skips the term (and the forward pass it
@@ -25,6 +27,7 @@ from dfkd_jax.phases import guidance as guidance_lib
 from dfkd_jax.ops import losses
 from dfkd_jax.ops import buffers
 from dfkd_jax import parallel
+from dfkd_jax import state as state_lib
 
 ADV_TYPES = ("l1", "kl", "js", "js_batch", "masked_kl")
 KD_TYPES = ("kl", "dafl_kd", "kl_elem", "l1")
@@ -299,7 +302,7 @@ def generator_step(w: SynthesisWeights, *, batch: int, latent_dim: int, mesh,
       if w.adv and faithful_bn:
         student = student.replace(batch_stats=aux["student_batch_stats"])
     metrics["grad_norm"] = optax.tree.norm(g_grads)
-    state = state.replace(generator=new_g, student=student)
+    state = state.with_parts(generator=new_g).replace(student=student)
     if adversarial_guidance:
       state, d_metrics = guidance_lib.discriminator_step(
           guidance, state, jax.random.fold_in(key, 12), aux["h"], aux["y"])
@@ -402,7 +405,7 @@ def inversion_round(w: SynthesisWeights, *, batch: int, image_shape, num_classes
     def body(carry, i):
       px, opt_state, disc = carry
       k = jax.random.fold_in(loop_key, i)
-      st = state.replace(discriminator=disc)
+      st = guidance_lib.with_discriminator(state, disc)
 
       def loss_fn(p):
         view = augment.jitter_flip(k, p, jitter, flip) if (jitter or flip) else p
@@ -421,18 +424,24 @@ def inversion_round(w: SynthesisWeights, *, batch: int, image_shape, num_classes
         st, d_metrics = guidance_lib.discriminator_step(
             guidance, st, jax.random.fold_in(k, 12), jax.lax.stop_gradient(h), y)
         terms = {**terms, **d_metrics}
-      return (px, opt_state, st.discriminator), {"loss": total, **terms}
+      return (px, opt_state, guidance_lib.discriminator_of(st)), {"loss": total, **terms}
 
     (pixels, _, disc), metrics = jax.lax.scan(
-        body, (pixels, tx.init(pixels), state.discriminator), jnp.arange(iterations))
+        body, (pixels, tx.init(pixels), guidance_lib.discriminator_of(state)),
+        jnp.arange(iterations))
     first = jax.tree.map(lambda m: m[0], metrics)
     last = jax.tree.map(lambda m: m[-1], metrics)
     out = {**{f"{k}": v for k, v in last.items()}, "loss_first": first["loss"]}
-    pool = buffers.pool_push(state.pool, jax.lax.stop_gradient(pixels))
-    return state.replace(pool=pool, discriminator=disc), out
+    state = state.with_parts(pool=buffers.add(state.pool, jax.lax.stop_gradient(pixels)))
+    return guidance_lib.with_discriminator(state, disc), out
 
   return phase
 
 
+def pool_part(capacity: int) -> state_lib.Part:
+  """The "pool" part: an empty `buffers.ImageBuffer` of `capacity` images of the context's shape."""
+  return state_lib.Part("pool", lambda key, ctx: buffers.pool_init(capacity, ctx.image_shape))
+
+
 def sample_pool(state, key, batch: int, mesh):
-  return parallel.shard_batch(buffers.pool_sample(state.pool, key, batch), mesh)
+  return parallel.shard_batch(buffers.sample(state.pool, key, batch), mesh)

@@ -1,8 +1,8 @@
 """Condensed-sample-guided model inversion (docs/methods.md §8), as pieces any host method wires in.
 
 A small condensed set D_c (dataset-distillation output, e.g.
-`python -m dfkd_jax.condensation.condense`, or k real images per class) lives in `DFKDState.condensed` as `{"images", "labels"}`. With
-`config.guidance="condensed"`:
+`python -m dfkd_jax.condensation.condense`, or k real images per class) is the state part
+"condensed" (`{"images", "labels"}`, see `parts`). With `config.guidance="condensed"`:
 
 - a class-conditional projection discriminator D (`models.discriminator`) scores teacher
   penultimate features h = f_T(A(x)), A = DiffAugment (color, translation, cutout);
@@ -121,7 +121,7 @@ def discriminator_step(spec: GuidanceSpec, state, key, h_syn, y_syn):
 
   (loss, (bs, real, fake)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d.params)
   new_d = d.apply_gradients(grads, batch_stats=bs)
-  return state.replace(discriminator=new_d), {"d_loss": loss, "d_real": real, "d_fake": fake}
+  return state.with_parts(discriminator=new_d), {"d_loss": loss, "d_real": real, "d_fake": fake}
 
 
 def student_extra(spec: GuidanceSpec):
@@ -150,3 +150,35 @@ def init_discriminator(key, spec: GuidanceSpec, teacher, image_shape, num_classe
       apply_fn=module.apply, params=variables["params"],
       batch_stats=variables.get("batch_stats", {}),
       tx=optax.adam(c.d_lr, b1=c.d_b1, b2=c.d_b2))
+
+
+def discriminator_of(state):
+  """The "discriminator" part, or None without adversarial guidance (what synthesis loops carry)."""
+  return state.parts.get("discriminator")
+
+
+def with_discriminator(state, disc):
+  """`state` with its discriminator part replaced by `disc` (unchanged when `disc` is None)."""
+  return state if disc is None else state.with_parts(discriminator=disc)
+
+
+def parts(spec: GuidanceSpec | None) -> tuple[state_lib.Part, ...]:
+  """The state parts guidance adds to any host (none without guidance): "condensed" (the
+  condensed set `{"images", "labels"}` from `ctx.condensed`) and, for adversarial guidance,
+  "discriminator"."""
+  if spec is None:
+    return ()
+
+  def condensed(key, ctx):
+    del key
+    images, labels = ctx.condensed
+    return {"images": jnp.asarray(images, jnp.float32), "labels": jnp.asarray(labels, jnp.int32)}
+
+  def discriminator(key, ctx):
+    return init_discriminator(jax.random.fold_in(key, 103), spec, ctx.teacher, ctx.image_shape,
+                              ctx.num_classes, ctx.config)
+
+  out = (state_lib.Part("condensed", condensed),)
+  if spec.adversarial:
+    out += (state_lib.Part("discriminator", discriminator),)
+  return out

@@ -2,7 +2,7 @@
 with a VAE (docs/methods.md §7). Both keep the student from forgetting what it learned on earlier
 generator distributions; they differ in what they store:
 
-- memory bank: `slots` stored batches of `slot_size` synthetic images (`buffers.MemoryBank`),
+- memory bank: `slots` stored batches of `slot_size` synthetic images (`buffers.bank_init`),
   `slots * slot_size * H * W * C * 4` bytes, constant once full;
 - VAE: E_m and G_m parameters (constant); G_m generates the replay samples on demand.
 
@@ -20,7 +20,9 @@ import optax
 from dfkd_jax.phases import combinators
 from dfkd_jax.ops import losses
 from dfkd_jax.ops import buffers
+from dfkd_jax import optim
 from dfkd_jax import phases
+from dfkd_jax import state as state_lib
 
 
 # ----------------------------------------------------------------------------- memory bank
@@ -37,7 +39,7 @@ def bank_push_phase(*, every: int, slot_size: int, latent_dim: int, mesh):
 
   def push(state, key):
     x = phases.sample_generator(state, key, slot_size, latent_dim, mesh)
-    return state.replace(bank=buffers.bank_push(state.bank, x, mesh)), {}
+    return state.with_parts(bank=buffers.bank_push(state.bank, x, mesh)), {}
 
   pushed = combinators.when(lambda state, _: state.step % every == 0, push)
 
@@ -46,6 +48,12 @@ def bank_push_phase(*, every: int, slot_size: int, latent_dim: int, mesh):
     return state, {"slots_filled": state.bank.count.astype(jnp.float32)}
 
   return phase
+
+
+def bank_part(slots: int, slot_size: int) -> state_lib.Part:
+  """The "bank" part: an empty memory bank of `slots` batches of `slot_size` images."""
+  return state_lib.Part("bank",
+                        lambda key, ctx: buffers.bank_init(slots, slot_size, ctx.image_shape))
 
 
 def bank_extra(batch: int):
@@ -84,6 +92,22 @@ class VAEReplay:
   w_oh: float = 1.0
   kl_weight: float = 1e-5
   leak_z_grad_into_vae: bool = False
+
+
+def vae_part(module, optimizer) -> state_lib.Part:
+  """The "vae" part: `module` (a `models.VAE`) with the `optimizer` config block over
+  `distill.num_iters` updates."""
+
+  def init(key, ctx):
+    x0 = jnp.zeros((1, *ctx.image_shape), jnp.float32)
+    variables = module.init({"params": jax.random.fold_in(key, 101)}, x0,
+                            jax.random.fold_in(key, 102), train=False)
+    return state_lib.TrainState.create(
+        apply_fn=module.apply, params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=optim.make_optimizer(optimizer, ctx.config.distill.num_iters))
+
+  return state_lib.Part("vae", init)
 
 
 def decode(vae, params, batch_stats, z, train: bool):
@@ -171,7 +195,7 @@ def vae_update(spec: VAEReplay, state, key, x_novel):
     grads = jax.tree.map(lambda g, l: g + jnp.where(first, 0.0, l), grads, leak)
   new_vae = vae.apply_gradients(grads, batch_stats=new_bs)
   metrics = {"loss": loss, "pixel": pixel, "logit": logit, "kl": kl, "memory_z_loss": lz}
-  return state.replace(vae=new_vae), metrics
+  return state.with_parts(vae=new_vae), metrics
 
 
 def pre_dfkd_kd_step(spec: VAEReplay, *, batch: int, latent_dim: int, mesh, with_vae: bool,

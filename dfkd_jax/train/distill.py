@@ -22,7 +22,6 @@ import numpy as np
 from dfkd_jax.condensation import condensed_set as condensed_lib
 from dfkd_jax.train import evaluation
 from dfkd_jax.train import loop as loop_lib
-from dfkd_jax.ops import buffers
 from dfkd_jax import methods as methods_lib
 from dfkd_jax.io import model_io
 from dfkd_jax import models as models_lib
@@ -79,7 +78,7 @@ def build(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_shap
   """`(ctx, method, teacher_meta)`: the context and the registry's `Method(init, step)` for
   `config.method` (its step takes `(state, key)`; `assemble` makes the jitted outer step)."""
   ctx, teacher_meta = context(config, mesh, teacher, image_shape, num_classes)
-  return ctx, methods_lib.make_method(ctx), teacher_meta
+  return ctx, methods_lib.METHODS[config.method].build(ctx), teacher_meta
 
 
 class Assembled(NamedTuple):
@@ -95,7 +94,7 @@ def assemble(config: ml_collections.ConfigDict, *, mesh=None, teacher=None, imag
   """Context, method (from the registry), per-iteration keys, the initial state placed on the
   mesh (seed: `config.seed` unless given) and the jitted, donated outer step."""
   ctx, teacher_meta = context(config, mesh, teacher, image_shape, num_classes)
-  method = wrap_step(methods_lib.make_method(ctx))
+  method = wrap_step(methods_lib.METHODS[config.method].build(ctx))
   state = place_state(method.init(jax.random.key(config.seed if seed is None else seed)),
                       ctx.mesh)
   chex.clear_trace_counter()  # a run builds its own step; earlier runs share its source
@@ -125,9 +124,9 @@ def wrap_step(method):
 def synthetic_preview(state, ctx, n: int):
   """A few synthetic images (for the PNG grid), in [0, 1] units."""
   key = jax.random.fold_in(state.rng, 10 ** 6)
-  if state.pool is not None:  # the newest pool entries (Fast/NAYER also have a generator)
+  if state.has("pool"):  # the newest pool entries (Fast/NAYER also have a generator)
     x = state.pool.images[(state.pool.cursor - 1 - jnp.arange(n)) % state.pool.capacity]
-  elif state.generator is not None:
+  elif state.has("generator"):
     x = phases.sample_generator(state, key, max(n, ctx.mesh.devices.size), ctx.d.latent_dim,
                                 ctx.mesh)[:n]
   else:
@@ -136,12 +135,11 @@ def synthetic_preview(state, ctx, n: int):
 
 
 def place_state(state, mesh):
-  """Replicates the state over the mesh, except the memory bank, sharded like a batch."""
+  """Replicates the state over the mesh, except the parts that place themselves (a `place(mesh)`
+  method: the memory bank is sharded like a batch)."""
   state = parallel.replicate(state, mesh)
-  if state.bank is not None:
-    state = state.replace(bank=state.bank.replace(
-        images=jax.device_put(state.bank.images, buffers.bank_sharding(mesh))))
-  return state
+  return state.replace(parts={name: part.place(mesh) if hasattr(part, "place") else part
+                              for name, part in state.parts.items()})
 
 
 def images_per_iteration(config) -> int:
@@ -151,11 +149,11 @@ def images_per_iteration(config) -> int:
 
 def replay_bytes(state) -> int:
   """Bytes of the replay store: memory bank, image pool, or VAE parameters (0 if none)."""
-  if state.bank is not None:
+  if state.has("bank"):
     return state.bank.nbytes
-  if state.vae is not None:
+  if state.has("vae"):
     return state_lib.tree_bytes(state.vae.params)
-  if state.pool is not None:
+  if state.has("pool"):
     return state_lib.tree_bytes(state.pool.images)
   return 0
 

@@ -1,6 +1,6 @@
-"""JAX step vs the PyTorch reimplementation of benchmarks/compare_torch.py: same weights, same
-random draws, same losses, for both teacher -> student pairs (LeNet-5-BN -> LeNet-5-half-BN and
-ResNet-20 -> ResNet-8). Skipped where PyTorch is not installed (CI: it is only in the optional
+"""JAX step vs the PyTorch reference of benchmarks/torch_ref/: same weights, same random draws,
+same losses, for both teacher -> student pairs (LeNet-5-BN -> LeNet-5-half-BN and ResNet-20 ->
+ResNet-8). Skipped where PyTorch is not installed (CI: it is only in the optional
 `bench` extra)."""
 import os
 import sys
@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
-import compare_torch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from torch_ref import (  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+    losses, models, parity, weights)
 
 
 def _check(method, pair, numerics_scope, iterations=2, gen_lr=None):
@@ -42,9 +43,8 @@ def _check(method, pair, numerics_scope, iterations=2, gen_lr=None):
   # alike (measured on a DAFL loss), so grad_norm differs from PyTorch's by ~1.4e-4.
   loose = method == "pre_dfkd"
   rtol = 1e-3 if loose else (5e-4 if pair == "resnet" else 1e-4)
-  rows = compare_torch.check_method(method, iterations=iterations, rtol=rtol,
-                                    rtol_later=1e-2 if loose else 5e-3, pair=pair,
-                                    gen_lr=gen_lr)
+  rows = parity.check_method(method, iterations=iterations, rtol=rtol,
+                             rtol_later=1e-2 if loose else 5e-3, pair=pair, gen_lr=gen_lr)
   assert {it for it, *_ in rows} == set(range(iterations))
   assert len(rows) >= 5 * iterations
   bad = [f"iteration {it} {k}: jax {a:.7g} torch {b:.7g} (rtol {tol:g})"
@@ -99,12 +99,12 @@ def test_resnet_forward_matches_torch():
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dfkd_jax.ops import bn_stats  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)
-  teacher = compare_torch.random_teacher(perturb_stats=True, pair="resnet")
-  net = compare_torch.torch_model("resnet20")
-  to_numpy = compare_torch._to_numpy_tree  # pylint: disable=protected-access
-  compare_torch.load_model(net, to_numpy(teacher.params), to_numpy(teacher.batch_stats))
-  x = jax.random.normal(jax.random.key(0), (4, *compare_torch.IMAGE_SHAPE))
-  xt = compare_torch._t(x).permute(0, 3, 1, 2)  # pylint: disable=protected-access
+  teacher = parity.random_teacher(perturb_stats=True, pair="resnet")
+  net = models.torch_model("resnet20")
+  to_numpy = parity._to_numpy_tree  # pylint: disable=protected-access
+  weights.load_model(net, to_numpy(teacher.params), to_numpy(teacher.batch_stats))
+  x = jax.random.normal(jax.random.key(0), (4, *models.IMAGE_SHAPE))
+  xt = weights._t(x).permute(0, 3, 1, 2)  # pylint: disable=protected-access
   for train in (False, True):
     out = teacher.apply_fn(teacher.variables, x, train=train,
                            **({"mutable": ["batch_stats"]} if train else {}))
@@ -115,7 +115,7 @@ def test_resnet_forward_matches_torch():
     np.testing.assert_allclose(t_logits.numpy(), np.asarray(logits), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(t_feature.numpy(), np.asarray(aux["feature"]), rtol=1e-4,
                                atol=1e-4)
-  capture = compare_torch.BNCapture(net.eval())
+  capture = losses.BNCapture(net.eval())
   capture.active = True
   with torch.no_grad():
     net(xt)

@@ -53,7 +53,7 @@ framework (after `malloc_trim(0)`, sampled from /proc/self/statm every 2 ms: a l
 the process's RSS high-water mark (resource.getrusage, both frameworks together, compilation
 included).
 
-`--check` (and tests/test_compare_torch.py): the numerical parity check of
+`--check` (and tests/benchmarks/test_compare_torch.py): the numerical parity check of
 `torch_ref.parity.check_method` instead of timing (tiny config, same weights and random draws,
 two outer iterations; the first to `--rtol`, the second to `--rtol_later`).
 

@@ -1,6 +1,6 @@
 """PyTorch reference of the library's data-free methods: eager twins of the JAX models and of
 one outer iteration of each method, for the timing script (benchmarks/compare_torch.py) and the
-parity test (tests/test_compare_torch.py). dfkd_jax itself never imports PyTorch.
+parity test (tests/benchmarks/test_compare_torch.py). dfkd_jax itself never imports PyTorch.
 
 - `models`: the PyTorch twins of the classifiers (LeNet-5-BN, CIFAR ResNets), the DAFL / PRE-DFKD
   generator and the PRE-DFKD VAE, and the input shape / class count they are built for.

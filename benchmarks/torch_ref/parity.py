@@ -1,6 +1,6 @@
 r"""Numerical parity of the library's JAX step with the PyTorch reference (`TorchMethod`).
 
-`check_method` (`python benchmarks/compare_torch.py --check` and tests/test_compare_torch.py):
+`check_method` (`python benchmarks/compare_torch.py --check` and tests/benchmarks/test_compare_torch.py):
 on the pair's tiny config, copies the JAX initial weights into the PyTorch modules (NHWC ->
 NCHW, Dense kernels transposed, BN scale/bias/running stats and eps, spectral-norm vectors),
 replays the JAX step's own random draws (latents, jitter, pool and bank indices, VAE noise:

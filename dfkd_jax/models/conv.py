@@ -40,7 +40,7 @@ and Flax's own bias add instead of `add_bias`). Scope it with
 The models of this package (`lenet`, `resnet_cifar`, `mobilenetv2`,
 `generators`, `vae`, `convnet`) build their convolutions with `Conv`, i.e.
 `nn.Conv(..., conv_general_dilated=conv_general_dilated)`; parameters and
-numerics are those of `nn.Conv` (tests/test_conv.py).
+numerics are those of `nn.Conv` (tests/models/test_conv.py).
 """
 
 from collections.abc import Sequence

@@ -23,7 +23,7 @@ Methods: `__call__(x, key, train)` -> (x_hat, mu, logvar) with the reparameteris
 z = mu + eps exp(logvar / 2); `encode(x, train)` -> (mu, logvar); `decode(z, train)` -> images.
 Select them with `module.apply(variables, ..., method="decode")`.
 
-Parameter counts at d = 1000, 32x32x3, ngf = 64 (checked by tests/test_pre_dfkd.py): decoder
+Parameter counts at d = 1000, 32x32x3, ngf = 64 (checked by tests/phases/test_replay.py): decoder
 8,423,939, encoder 4,321,872 (docs/methods.md's 8.42 M and 4.32 M); 12,745,811 in all (48.6 MiB).
 """
 from __future__ import annotations

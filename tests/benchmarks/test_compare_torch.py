@@ -5,12 +5,12 @@ ResNet-8). Skipped where PyTorch is not installed (CI: it is only in the optiona
 import os
 import sys
 
+import helpers
 import pytest
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
+sys.path.insert(0, os.path.join(helpers.REPO_ROOT, "benchmarks"))
 from torch_ref import (  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
     losses, models, parity, weights)
 
@@ -18,7 +18,7 @@ from torch_ref import (  # noqa: E402  pylint: disable=g-import-not-at-top,wrong
 def _check(method, pair, numerics_scope, iterations=2, gen_lr=None):
   """Parity over `iterations` outer iterations. Two iterations run with JAX's own conv
   gradients, Flax's BatchNorm and XLA's default CPU options (numerics
-  conv_grads="xla", batch_norm="xla", xla_cpu_ynn="default"; tests/test_conv.py, test_norm.py and
+  conv_grads="xla", batch_norm="xla", xla_cpu_ynn="default"; tests/models/test_conv.py, test_norm.py and
   test_compile.py check that the library's replacements compute the same values and
   gradients): the second iteration starts from weights after one Adam
   step, which is about lr * sign(g) per coordinate, so coordinates whose gradient is at

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import helpers
 import pytest
 
 from dfkd_jax.io import checkpointing
@@ -28,7 +29,7 @@ from dfkd_jax.data import datasets
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+ROOT = helpers.REPO_ROOT
 CONFIG_FILE = os.path.join("configs", "fashion_mnist_lenet5.py")
 METHODS = tuple(methods.METHODS)  # every registered method runs end to end
 

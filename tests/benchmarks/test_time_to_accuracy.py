@@ -2,10 +2,10 @@
 import os
 import sys
 
+import helpers
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
+sys.path.insert(0, os.path.join(helpers.REPO_ROOT, "benchmarks"))
 import time_to_accuracy as tta  # noqa: E402  pylint: disable=g-import-not-at-top
 
 

@@ -1,7 +1,7 @@
 """Fast-DFKD and NAYER: their generators, losses, bn_mmt memory, label embeddings, and the
 method-specific behaviour of their jitted steps (warm-up, pool growth, generator life).
 
-The generic method tests (tests/steps.py, tests/test_distill_e2e.py) already run both
+The generic method tests (tests/steps.py, tests/train/test_distill_e2e.py) already run both
 hosts through the registry; these tests check what is particular to them.
 """
 import chex

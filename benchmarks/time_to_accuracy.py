@@ -163,6 +163,13 @@ def run_record(summary: dict, config, thresholds, points) -> dict:
       "at_seconds": at_points(clock, acc, points),
       "time_to": {f"{t:g}": time_to(clock, acc, t) for t in thresholds},
       "series": {"seconds": clock, "accuracy": acc},
+      **({"ema": {"final": summary["ema"]["final"], "mu": summary["ema"]["mu"],
+                  "decay": summary["ema"]["decay"],
+                  "at_seconds": at_points(clock, summary["ema"]["accuracy_series"], points),
+                  "time_to": {f"{t:g}": time_to(clock, summary["ema"]["accuracy_series"], t)
+                              for t in thresholds},
+                  "accuracy": summary["ema"]["accuracy_series"]}}
+         if summary.get("ema") else {}),
   }
 
 
@@ -173,7 +180,14 @@ def aggregate(records: list[dict], points, thresholds) -> dict:
       return None
     return {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
 
+  ema = [r["ema"] for r in records if r.get("ema")]
   return {"final": stats([r["final"] for r in records]), "mu": stats([r["mu"] for r in records]),
+          **({"ema": {"final": stats([e["final"] for e in ema]),
+                      "mu": stats([e["mu"] for e in ema]),
+                      "at_seconds": {str(p): stats([e["at_seconds"][str(p)] for e in ema])
+                                     for p in points},
+                      "time_to": {f"{t:g}": stats([e["time_to"][f"{t:g}"] for e in ema])
+                                  for t in thresholds}}} if ema else {}),
           "at_seconds": {str(p): stats([r["at_seconds"][str(p)] for r in records])
                          for p in points},
           "time_to": {f"{t:g}": stats([r["time_to"][f"{t:g}"] for r in records])
@@ -226,18 +240,24 @@ def markdown_table(result: dict) -> str:
   order = sorted(result["methods"].items(),
                  key=lambda kv: -((kv[1]["summary"]["final"] or {}).get("mean") or 0))
   for m, entry in order:
-    s = entry["summary"]
-    n = (s["final"] or {}).get("n", 0)
     used = [r["clock_seconds"] for r in entry.get("runs", []) if r.get("clock_seconds")]
-    cells = [m, str(n), _fmt(s["final"]), _fmt(s["mu"]),
-             f"{np.mean(used):.0f} ({min(used):.0f}-{max(used):.0f})" if used else "-"]
-    cells += [_fmt(s["at_seconds"][str(p)], 1) for p in points]
-    for t in thresholds:
-      st = s["time_to"][f"{t:g}"]
-      cells.append("-" if not st else (f"{st['mean']:.0f}" + (f" ({st['n']}/{n})"
-                                                              if st["n"] < n else "")))
-    rows.append("| " + " | ".join(cells) + " |")
+    used = f"{np.mean(used):.0f} ({min(used):.0f}-{max(used):.0f})" if used else "-"
+    s = entry["summary"]
+    rows.append(_table_row(m, s, used, points, thresholds))
+    if s.get("ema"):  # the same runs' student weight average (docs/methods.md §13)
+      rows.append(_table_row(f"{m}, student EMA", s["ema"], used, points, thresholds))
   return "\n".join(rows)
+
+
+def _table_row(name, s, used, points, thresholds) -> str:
+  n = (s["final"] or {}).get("n", 0)
+  cells = [name, str(n), _fmt(s["final"]), _fmt(s["mu"]), used]
+  cells += [_fmt(s["at_seconds"][str(p)], 1) for p in points]
+  for t in thresholds:
+    st = s["time_to"][f"{t:g}"]
+    cells.append("-" if not st else (f"{st['mean']:.0f}" + (f" ({st['n']}/{n})"
+                                                            if st["n"] < n else "")))
+  return "| " + " | ".join(cells) + " |"
 
 
 def main(argv=None) -> int:

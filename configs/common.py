@@ -83,7 +83,12 @@ def distill(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigD
       unroll=False,
       # > 0: stop after this many seconds of training (compilation included, evaluation
       # excluded), evaluate and finish (time-to-accuracy benchmarks); 0: run num_iters.
-      time_budget_s=0.0))
+      time_budget_s=0.0,
+      # > 0: also keep an exponential moving average of the student's weights (and BN
+      # statistics), updated once per outer iteration with this decay, warm-started as
+      # min(decay, (1 + t) / (10 + t)); it is evaluated next to the student (summary.json
+      # `ema`, metric test/accuracy_ema). 0: none.
+      student_ema=0.0))
   c.generator = ml_collections.ConfigDict(dict(
       kind="dafl", ngf=64, bn_eps=0.8, spectral_norm=False, final_tanh=True,
       weight_init="default"))

@@ -55,8 +55,7 @@ class ConvNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
     """Returns `(logits, {"feature", "stages"})` for an NHWC batch `x`.
 
     `train` is accepted for the model contract; the network behaves the same in both modes.

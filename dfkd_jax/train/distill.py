@@ -94,7 +94,8 @@ def assemble(config: ml_collections.ConfigDict, *, mesh=None, teacher=None, imag
   """Context, method (from the registry), per-iteration keys, the initial state placed on the
   mesh (seed: `config.seed` unless given) and the jitted, donated outer step."""
   ctx, teacher_meta = context(config, mesh, teacher, image_shape, num_classes)
-  method = wrap_step(methods_lib.METHODS[config.method].build(ctx))
+  method = wrap_step(with_student_ema(methods_lib.METHODS[config.method].build(ctx),
+                                      config.distill.get("student_ema", 0.0)))
   state = place_state(method.init(jax.random.key(config.seed if seed is None else seed)),
                       ctx.mesh)
   chex.clear_trace_counter()  # a run builds its own step; earlier runs share its source
@@ -109,6 +110,40 @@ def make_step(method, max_traces: int = 1):
     return state.replace(step=state.step + 1), metrics
 
   return loop_lib.jit_step(step, max_traces)
+
+
+def ema_decay(decay: float, step):
+  """The EMA decay at outer iteration `step`: min(decay, (1 + step) / (10 + step)), so the first
+  iterations do not keep the initial weights for long."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def with_student_ema(method, decay: float):
+  """`method` plus the state part "student_ema" (`{"params", "batch_stats"}`): an exponential
+  moving average of the student's weights and BN statistics, updated after every outer
+  iteration (`ema_decay`). `decay` 0 returns `method` unchanged. Training never reads the
+  average; `train_distill` evaluates it next to the student (our choice, docs/methods.md §13)."""
+  if not decay:
+    return method
+  if not 0.0 < decay < 1.0:
+    raise ValueError(f"distill.student_ema={decay} must be in (0, 1) (e.g. 0.9), or 0 for none.")
+
+  def student_weights(state):
+    return {"params": state.student.params, "batch_stats": state.student.batch_stats}
+
+  def init(key):
+    state = method.init(key)
+    return state.with_parts(student_ema=jax.tree.map(jnp.copy, student_weights(state)))
+
+  def step(state, key):
+    state, metrics = method.step(state, key)
+    d = ema_decay(decay, state.step)
+    ema = jax.tree.map(lambda e, w: d * e + (1.0 - d) * w, state.student_ema,
+                       student_weights(state))
+    return state.with_parts(student_ema=ema), metrics
+
+  return method._replace(init=init, step=step)
 
 
 def _iteration_key(state):
@@ -172,8 +207,14 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preview = jax.jit(functools.partial(synthetic_preview, ctx=ctx, n=64))
 
   def evaluate(state):
-    return evaluation.evaluate(state.student.apply_fn, state.student.variables, test_images,
-                               test_labels, teacher=state.teacher)
+    ev = evaluation.evaluate(state.student.apply_fn, state.student.variables, test_images,
+                             test_labels, teacher=state.teacher)
+    if state.has("student_ema"):
+      ema = state.student_ema
+      ev["accuracy_ema"] = evaluation.evaluate(
+          state.student.apply_fn, state_lib.model_variables(ema["params"], ema["batch_stats"]),
+          test_images, test_labels)["accuracy"]
+    return ev
 
   def pictures(state, it, logger):
     if d.save_images:
@@ -203,6 +244,9 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "student": config.student.model, "iterations": it, **stats,
       "best_note": "best is test-selected (oracle); headline numbers are final and mu",
       "final_teacher_agreement": history["agreement"][-1] if history["agreement"] else None,
+      "ema": ({**evaluation.robustness(history["accuracy_ema"]),
+               "decay": d.student_ema, "accuracy_series": history["accuracy_ema"]}
+              if history.get("accuracy_ema") else None),
       **out.common_summary(),
       "time_budget_s": budget or None,
       "iterations_per_second": out.steps_per_second,

@@ -109,7 +109,8 @@ def run(schedule: Schedule, state, step_fn: Callable, evaluate: Callable, workdi
       has none) is not checkpointed and is put back after a restore.
     step_fn: `step_fn(state, it) -> (state, metrics)` for the 0-based step `it`: a host-side
       closure around a `jit_step` (so it may feed per-epoch arguments; it must not sync).
-    evaluate: `evaluate(state) -> {"accuracy": %, "agreement": % (optional)}`.
+    evaluate: `evaluate(state) -> {"accuracy": %, "agreement": % (optional), ...}`; further
+      keys (e.g. "accuracy_ema") become series of their own in the history.
     workdir: the run folder (config.json, checkpoints/, metrics.jsonl).
     config_json: the resolved config, written as config.json.
     teacher_sha256: its sha256, stored in every checkpoint and checked on resume.
@@ -157,9 +158,13 @@ def run(schedule: Schedule, state, step_fn: Callable, evaluate: Callable, workdi
     history["eval_steps"].append(it)
     history["accuracy"].append(ev["accuracy"])
     history["agreement"].append(ev.get("agreement"))
+    extra = {k: v for k, v in ev.items() if k not in ("accuracy", "agreement")}
+    for k, v in extra.items():  # further series (e.g. accuracy_ema), one list per key
+      history.setdefault(k, []).append(v)
     history["eval_seconds"] += time.perf_counter() - t0
     logger.write(it, {"test/accuracy": ev["accuracy"], **(
-        {"test/teacher_agreement": ev["agreement"]} if "agreement" in ev else {})})
+        {"test/teacher_agreement": ev["agreement"]} if "agreement" in ev else {}),
+                      **{f"test/{k}": v for k, v in extra.items()}})
 
   def check_finite(it, finite, metrics):
     if not bool(finite):

@@ -69,3 +69,22 @@ def test_markdown_table_orders_methods_by_final_accuracy():
   assert lines[0].startswith("| method | seeds | final")
   assert lines[2].startswith("| good | 3 | 85.00 ± 0.50 | 80.00 ± 0.10 | - | - | - |")
   assert lines[3].startswith("| slow | 1 | 70.00 |")
+
+
+def test_student_ema_is_recorded_and_gets_its_own_table_row():
+  summary = {"seed": 0, "iterations": 3, "final": 80.0, "mu": 70.0, "best": 81.0,
+             "eval_clock_seconds": [50.0, 100.0, 150.0], "accuracy_series": [60.0, 81.0, 80.0],
+             "ema": {"final": 82.0, "mu": 72.0, "decay": 0.9,
+                     "accuracy_series": [55.0, 78.0, 82.0]}}
+  config = tta.load_config(tta.CONFIG, "method=dfad,tiny")
+  record = tta.run_record(summary, config, [80.0], [60, 120])
+  assert record["ema"]["at_seconds"] == {"60": 55.0, "120": 78.0}
+  assert record["ema"]["time_to"] == {"80": 150.0} and record["time_to"] == {"80": 100.0}
+  agg = tta.aggregate([record, {**record, "ema": {**record["ema"], "final": 84.0}}], [60, 120],
+                      [80.0])
+  assert agg["ema"]["final"] == {"mean": 83.0, "std": 1.0, "n": 2}
+  result = {"points_seconds": [60, 120], "thresholds": [80.0],
+            "methods": {"dfad": {"summary": agg, "runs": [record]}}}
+  lines = tta.markdown_table(result).splitlines()
+  assert lines[2].startswith("| dfad | 2 | 80.00 ± 0.00 |")
+  assert lines[3].startswith("| dfad, student EMA | 2 | 83.00 ± 1.00 | 72.00 ± 0.00 |")

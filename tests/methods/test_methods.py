@@ -17,7 +17,8 @@ import pytest
 from dfkd_jax.train import distill
 from dfkd_jax import parallel
 from dfkd_jax import phases
-from steps import (GENERATIVE, IMAGE_SHAPE, METHODS, STEPS, build, host, run, tiny_config,
+from steps import (GENERATIVE, IMAGE_SHAPE, METHODS, NUM_CLASSES, STEPS, build, host,
+                   random_teacher, run, tiny_config,
                    tree_allclose, tree_equal)
 
 
@@ -204,3 +205,25 @@ def test_build_rejects_indivisible_batch_and_unknown_method():
   c.method = "nope"
   with pytest.raises(ValueError, match="Valid data-free methods: adi, dafl"):
     build("dfad", config=c)
+
+
+def test_student_ema_follows_the_student_with_a_warm_started_decay():
+  """The "student_ema" part: w_ema <- d_t w_ema + (1 - d_t) w, d_t = min(0.9, (1+t)/(10+t))."""
+  mesh = parallel.make_mesh(1)
+  _, raw, _ = distill.build(tiny_config("dfad"), mesh=mesh, teacher=random_teacher(),
+                            image_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES)
+  assert distill.with_student_ema(raw, 0.0) is raw
+  method = distill.wrap_step(distill.with_student_ema(raw, 0.9))
+  state = distill.place_state(method.init(jax.random.key(0)), mesh)
+  expected = jax.device_get(state.student.params)
+  assert tree_equal(host(state.student_ema["params"]), expected)
+  step = distill.make_step(method)
+  for t in range(3):
+    state, _ = step(state)
+    d = min(0.9, (1 + t) / (10 + t))
+    student = jax.device_get(state.student.params)
+    expected = jax.tree.map(lambda e, w, d=d: d * e + (1 - d) * w, expected, student)
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+  np.testing.assert_allclose(flat(host(state.student_ema["params"])), flat(expected), rtol=1e-5,
+                             atol=1e-7)
+  assert not np.allclose(flat(host(state.student_ema["params"])), flat(student))

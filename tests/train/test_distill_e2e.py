@@ -237,6 +237,21 @@ def test_tiny_guided_run_end_to_end(teacher_dir, tmp_path, mode):
   assert math.isfinite(summary["final"]) and summary["iterations"] == config.distill.num_iters
 
 
+def test_student_ema_is_evaluated_next_to_the_student(teacher_dir, tmp_path):
+  config = get_config(f"method=dfad,tiny,teacher_workdir={teacher_dir}")
+  config.distill.student_ema = 0.5
+  summary = train.train_and_evaluate(config, str(tmp_path / "ema"))
+  ema = summary["ema"]
+  assert ema["decay"] == 0.5 and len(ema["accuracy_series"]) == len(summary["accuracy_series"])
+  assert ema["final"] == ema["accuracy_series"][-1] and 0 <= ema["final"] <= 100
+  logged = [json.loads(line) for line in open(tmp_path / "ema" / "metrics.jsonl")]
+  assert [m["test/accuracy_ema"] for m in logged if "test/accuracy_ema" in m] == \
+      ema["accuracy_series"]
+  config.distill.student_ema = 1.5
+  with pytest.raises(ValueError, match=r"student_ema=1.5 must be in \(0, 1\)"):
+    train.train_and_evaluate(config, str(tmp_path / "bad_ema"))
+
+
 def test_kd_on_the_condensed_set_alone(teacher_dir, tmp_path):
   path = _condensed_set(tmp_path)
   config = get_config(f"method=kd_condensed,tiny,teacher_workdir={teacher_dir},condensed={path}")

@@ -202,7 +202,8 @@ def _main(argv):
       return
     from dfkd_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
+  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+    # user errors, and the NaN guard's stop (FloatingPointError): one line, exit 2
     if os.environ.get("DFKD_DEBUG"):
       raise
     print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -2,19 +2,48 @@
 
 A checkpoint holds the whole train state (a pytree) plus a small JSON item (`meta`: the
 accuracy series, timings, the resolved config) so a resumed run ends exactly like an
-uninterrupted one.
+uninterrupted one. `meta["state_sha256"]` is a content checksum of the state's arrays, taken
+before the save and verified after every restore: a damaged file (a flipped byte in array data,
+which Orbax itself does not notice) is an error, never a silently different run.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be restored; the message names it and the way out."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """The checkpoint at `step` is damaged or unreadable (earlier ones may be intact)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+def tree_sha256(tree: Any) -> str:
+  """sha256 over every array leaf of `tree` (dtype, shape and bytes, in leaf order); PRNG keys
+  by their key data. The arrays are copied to the host."""
+  h = hashlib.sha256()
+
+  def raw(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+
+  for leaf in jax.tree.leaves(tree):
+    a = raw(leaf)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
 
 
 class Checkpointer:
@@ -32,7 +61,9 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Saves asynchronously; call `wait()` before reading the files or exiting."""
+    """Saves asynchronously (call `wait()` before reading the files or exiting); `meta` gains
+    the state's checksum, `state_sha256`."""
+    meta = {**meta, "state_sha256": tree_sha256(state)}
     self._mngr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -50,15 +81,29 @@ class Checkpointer:
       restored = self._mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types for damaged files.
-      earlier = [s for s in self.all_steps() if s < step]
-      way_out = (f"Earlier checkpoints are intact at steps {earlier}: delete "
-                 f"{os.path.join(self.directory, str(step))} to resume from step {earlier[-1]}."
-                 if earlier else "No earlier checkpoint exists: delete the folder to start over.")
       first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise CheckpointError(
-          f"Checkpoint at step {step} in {self.directory} is corrupt or incompatible with this "
-          f"config ({type(e).__name__}: {first_line[:300]}). {way_out}") from e
-    return restored["state"], dict(restored["meta"])
+      raise CorruptCheckpointError(
+          f"Checkpoint at step {step} in {self.directory} is unreadable or does not fit this "
+          f"run's state ({type(e).__name__}: {first_line[:300]}). {self._way_out(step)}",
+          step=step) from e
+    meta = dict(restored["meta"])
+    saved = meta.get("state_sha256")  # absent in checkpoints of earlier versions
+    if saved is not None and tree_sha256(restored["state"]) != saved:
+      raise CorruptCheckpointError(
+          f"Checkpoint at step {step} in {self.directory} is damaged: its arrays do not match "
+          f"the checksum written with them. {self._way_out(step)}", step=step)
+    return restored["state"], meta
+
+  def _way_out(self, step: int) -> str:
+    earlier = [s for s in self.all_steps() if s < step]
+    if earlier:
+      return (f"Earlier checkpoints exist at steps {earlier}: delete "
+              f"{os.path.join(self.directory, str(step))} to resume from step {earlier[-1]}.")
+    return "No earlier checkpoint exists: delete the folder to start over."
+
+  def delete(self, step: int) -> None:
+    """Deletes the checkpoint at `step`."""
+    self._mngr.delete(int(step))
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

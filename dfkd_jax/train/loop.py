@@ -13,6 +13,8 @@ choose anything.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
 import os
 import time
 from typing import Any, Callable
@@ -30,6 +32,63 @@ from dfkd_jax import numerics as numerics_lib
 
 class NonFiniteLossError(FloatingPointError):
   """A loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another process is running in the same workdir."""
+
+
+class ConfigMismatchError(ValueError):
+  """A resumed run's config differs from its checkpoint's in what the computation depends on."""
+
+
+# Config fields (by their last name) that do not change what a run computes: logging and
+# checkpoint cadence, pictures, labels, paths whose content is checked otherwise (the teacher by
+# its sha256) and the wall-clock budget. Any other difference stops a resume.
+RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "checkpoint_every", "max_to_keep",
+                              "save_images", "label", "data_dir", "time_budget_s", "workdir"})
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """`key: saved -> current` for every field that differs, except `RESUMABLE_FIELDS`."""
+  a, b = _flatten(saved), _flatten(current)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if key.rsplit(".", 1)[-1] in RESUMABLE_FIELDS:
+      continue
+    if a.get(key, "<absent>") != b.get(key, "<absent>"):
+      out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+  return out
+
+
+def lock_workdir(workdir: str):
+  """An exclusive lock on `workdir/.lock` for this process (the kernel drops it when the process
+  ends, however it ends). Returns the open lock file; raises WorkdirBusyError if it is held."""
+  path = os.path.join(workdir, ".lock")
+  f = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    owner = f.read().strip() or "unknown"
+    f.close()
+    raise WorkdirBusyError(  # pylint: disable=raise-missing-from
+        f"Another run is using {workdir} (process {owner}). Wait for it to finish, stop it, or "
+        "use another --workdir.")
+  f.seek(0)
+  f.truncate()
+  f.write(f"{os.getpid()}\n")
+  f.flush()
+  return f
 
 
 def _finite(metrics) -> jax.Array:
@@ -119,24 +178,60 @@ def run(schedule: Schedule, state, step_fn: Callable, evaluate: Callable, workdi
       6 but the NaN guard's `finite`).
   """
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config_json)
+  lock = lock_workdir(workdir)
+  try:
+    return _run_locked(schedule, state, step_fn, evaluate, workdir, config_json=config_json,
+                       teacher_sha256=teacher_sha256, on_eval=on_eval, print_keys=print_keys)
+  finally:
+    lock.close()
+
+
+def _restore(ckpt, target):
+  """The newest intact checkpoint: a damaged one (checksum or unreadable) is reported, deleted
+  and the next older one tried; raises if none is intact."""
+  while True:
+    try:
+      return ckpt.restore(target)
+    except checkpointing.CorruptCheckpointError as e:
+      if not [s for s in ckpt.all_steps() if s < e.step]:
+        raise
+      print(f"warning: {str(e).split(' Earlier checkpoints')[0]} It is deleted; resuming from "
+            "the previous checkpoint.", flush=True)
+      ckpt.delete(e.step)
+
+
+def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, teacher_sha256,
+                on_eval, print_keys) -> Result:
+  """`run` inside the workdir lock."""
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), schedule.max_to_keep)
   history = new_history()
   teacher = state.teacher
+  current_config = json.loads(config_json)
   if ckpt.latest_step() is not None:
-    restored, meta = ckpt.restore(state.replace(teacher=None))
-    history = {**history, **meta}
-    saved = history.get("teacher_sha256")
-    if teacher_sha256 and saved and saved != teacher_sha256:
+    try:
+      restored, meta = _restore(ckpt, state.replace(teacher=None))
+      saved = meta.get("teacher_sha256")
+      if teacher_sha256 and saved and saved != teacher_sha256:
+        raise checkpointing.CheckpointError(
+            f"The checkpoint in {ckpt.directory} was trained from the teacher with sha256 "
+            f"{saved[:12]}…, but config.teacher.workdir now holds {teacher_sha256[:12]}…. Point "
+            "config.teacher.workdir at the original teacher, or use a new --workdir.")
+      diffs = config_differences(meta.get("run_config") or current_config, current_config)
+      if diffs:
+        raise ConfigMismatchError(
+            f"{workdir} holds a run with another config; resuming it with this one would mix two "
+            f"runs. Differences (checkpoint -> now): {'; '.join(diffs)}. Resume with the run's "
+            f"own settings ({os.path.join(workdir, 'config.json')}) or use a new --workdir.")
+    except Exception:
       ckpt.close()
-      raise checkpointing.CheckpointError(
-          f"The checkpoint in {ckpt.directory} was trained from the teacher with sha256 "
-          f"{saved[:12]}…, but config.teacher.workdir now holds {teacher_sha256[:12]}…. Point "
-          "config.teacher.workdir at the original teacher, or use a new --workdir.")
+      raise
+    history = {**history, **meta}
     state = restored.replace(teacher=teacher)
     print(f"Resumed from step {int(state.step)} ({workdir}/checkpoints).", flush=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config_json)
   history["teacher_sha256"] = teacher_sha256
+  history["run_config"] = current_config
   logger = logging_utils.RunLogger(workdir, schedule.num_steps, name=schedule.name)
 
   def save(it):

@@ -3,6 +3,8 @@ with another teacher is a clear error, a resumed run ends like an uninterrupted 
 stops the run before it is checkpointed."""
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import flax.struct
@@ -27,7 +29,7 @@ def _step(state, scale):
   return state.replace(step=state.step + 1, w=w), {"loss": jnp.sum(w)}
 
 
-def _run(workdir, num_steps, teacher_value=3.0, sha="a" * 64, scale=1.0):
+def _run(workdir, num_steps, teacher_value=3.0, sha="a" * 64, scale=1.0, config=None):
   chex.clear_trace_counter()  # each run builds its own step, as the real modes do
   jitted = loop.jit_step(_step)
   state = _State(step=jnp.int32(0), w=jnp.zeros(4), teacher=jnp.full((5,), teacher_value))
@@ -39,7 +41,8 @@ def _run(workdir, num_steps, teacher_value=3.0, sha="a" * 64, scale=1.0):
 
   schedule = loop.Schedule("toy", num_steps, log_every=2, eval_every=2, checkpoint_every=2)
   out = loop.run(schedule, state, lambda s, it: jitted(s, jnp.float32(scale)), evaluate,
-                 str(workdir), config_json=json.dumps({"toy": True}), teacher_sha256=sha)
+                 str(workdir), config_json=json.dumps(config or {"toy": True}),
+                 teacher_sha256=sha)
   return out, seen_teacher
 
 
@@ -80,3 +83,46 @@ def test_time_budget_stops_and_evaluates(tmp_path):
                  lambda s: {"accuracy": 1.0}, str(tmp_path), config_json="{}")
   assert out.stopped_by_time_budget and out.steps == 1
   assert out.history["eval_steps"] == [1]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+  _run(tmp_path, 4)  # checkpoints at 2 and 4
+  meta_path = os.path.join(tmp_path, "checkpoints", "4", "meta", "metadata")
+  meta = json.load(open(meta_path))
+  meta["state_sha256"] = "0" * 64  # as if the stored arrays no longer matched
+  json.dump(meta, open(meta_path, "w"))
+  out, _ = _run(tmp_path, 6)
+  assert "step 4" in capsys.readouterr().out and out.steps == 6
+  assert float(out.state.w[0]) == 6.0 and out.history["eval_steps"] == [2, 4, 6]
+  assert out.history["accuracy"] == [2.0, 4.0, 6.0]
+
+
+def test_resume_with_another_config_names_the_differences(tmp_path):
+  base = {"seed": 0, "distill": {"num_iters": 4, "log_every": 2}, "label": "a"}
+  _run(tmp_path, 2, config=base)
+  changed = {"seed": 1, "distill": {"num_iters": 4, "log_every": 2, "new": 1}, "label": "a"}
+  with pytest.raises(loop.ConfigMismatchError,
+                     match=r"distill.new: '<absent>' -> 1; seed: 0 -> 1.*--workdir"):
+    _run(tmp_path, 4, config=changed)
+  assert json.load(open(tmp_path / "config.json")) == base  # not overwritten by the refused run
+  # Logging cadence and labels do not change the computation: that resume is allowed.
+  out, _ = _run(tmp_path, 4, config={**base, "distill": {"num_iters": 4, "log_every": 1},
+                                     "label": "b"})
+  assert out.steps == 4
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_holder_does_not_block(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+       "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('locked', flush=True); "
+       "time.sleep(60)", str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(loop.WorkdirBusyError, match=r"Another run is using .*4242"):
+      _run(tmp_path, 2)
+    assert not os.path.isdir(tmp_path / "checkpoints")
+  finally:
+    holder.kill()
+    holder.wait()
+  out, _ = _run(tmp_path, 2)  # the killed holder's lock is gone with it
+  assert out.steps == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 from dfkd_jax import methods as methods_lib
-from dfkd_jax.config_blocks import loss_block, optimizer  # noqa: F401  (re-exported)
+from dfkd_jax.config_blocks import loss_block, optimizer, parse_bool  # noqa: F401  (re-exported)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -25,7 +25,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         raise ValueError(f"Config argument {key!r} needs a value ({key}=...).")
       out[key] = True
     elif isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes")
+      out[key] = parse_bool(value, key)
     else:
       out[key] = type(default)(value)
   return out

@@ -44,9 +44,67 @@ def set_dotted(config: ml_collections.ConfigDict, item: str) -> None:
                      f"; valid: {', '.join(sorted(node.keys()))}.")
   current = node[leaf]
   if isinstance(current, bool):
-    value = text.lower() in ("1", "true", "yes")
+    value = parse_bool(text, key)
   elif isinstance(current, (int, float, str)):
     value = type(current)(text)
   else:
     raise ValueError(f"Override {item!r}: {key} is a {type(current).__name__}, not a scalar.")
   node[leaf] = value
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(text: str, name: str) -> bool:
+  """'true/false/1/0/yes/no/on/off' -> bool; anything else (a typo such as 'ture') is an error,
+  never a silent False."""
+  t = text.strip().lower()
+  if t in _TRUE or t in _FALSE:
+    return t in _TRUE
+  raise ValueError(f"{name}={text!r} is not a boolean: use true or false.")
+
+
+# Range rules by field name (the last part of the dotted path), wherever the field appears;
+# the dotted names in `_BY_PATH` take precedence. Each entry: (test, what the field must be).
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+_BY_NAME = {
+    **{k: _POSITIVE for k in (
+        "num_iters", "batch_size", "latent_dim", "student_steps", "log_every",
+        "checkpoint_every", "max_to_keep", "ngf", "num_epochs", "pool_size", "slots", "slot_size",
+        "memory_batch", "vae_input", "vae_latent_dim", "vae_ngf", "iterations", "k", "g_steps",
+        "g_loops", "g_life", "push_every", "emb_size", "d_hidden", "lr", "lr_g", "lr_z", "z_lr",
+        "d_lr", "kd_temperature", "adv_temperature", "temperature", "bn_eps", "vae_bn_eps")},
+    **{k: _NON_NEGATIVE for k in (
+        "num_steps", "eval_every", "train_limit", "test_limit", "num_devices", "pad_to",
+        "time_budget_s", "weight_decay", "grad_clip", "warmup", "vae_steps", "student_chunk",
+        "synth_chunk", "student_jitter", "synth_jitter", "jitter", "oh", "ie", "act", "adv", "bn",
+        "tv", "l2", "ce", "at_beta", "kl_weight", "lambda_fa", "weight", "first_bn_scale")},
+    **{k: _UNIT for k in ("momentum", "b1", "b2", "student_ema", "bn_momentum")},
+}
+_BY_PATH = {"distill.eval_every": _POSITIVE, "condensed.batch": _POSITIVE}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every numeric field's range once, before a run writes anything; raises one
+  ValueError naming each bad field, its value and what it must be."""
+  bad = []
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      path = f"{prefix}{key}"
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, path + ".")
+        continue
+      rule = _BY_PATH.get(path) or _BY_NAME.get(key)
+      if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        continue
+      test, must = rule
+      if value != value or not test(value):  # NaN fails every rule
+        bad.append(f"{path}={value!r} (must be {must})")
+
+  walk(config, "")
+  if bad:
+    raise ValueError(f"Invalid config: {'; '.join(bad)}. Fix the value(s) on the command line "
+                     "(--config.<field>=...) or in the config file.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from dfkd_jax import config_blocks
 from dfkd_jax import numerics as numerics_lib
 from dfkd_jax.methods import SUPERVISED_METHODS
 
@@ -21,6 +22,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Everything is traced under the run's numerics (`config.numerics`, `dfkd_jax.numerics`).
   """
   # pylint: disable=g-import-not-at-top
+  config_blocks.validate(config)  # every range, before anything is written
   with numerics_lib.use(numerics_lib.Numerics.from_config(config)):
     if config.method in SUPERVISED_METHODS:
       from dfkd_jax.train import supervised

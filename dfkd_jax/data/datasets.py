@@ -115,8 +115,10 @@ def _read_uint8(name: str, split: str, data_dir: str,
     raise FileNotFoundError(
         f"Dataset {name!r} is not prepared in the TFDS data dir {data_dir!r}. Prepare it with:\n"
         f"  {hint}\n(or set TFDS_DATA_DIR / config.data_dir to where it was prepared).")
+  _check_prepared(name, split, data_dir, builder_dir)
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    # download=False: reading never downloads (an incomplete folder is an error, not a fetch).
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises several types; re-raise with the fix.
     raise RuntimeError(
         f"Could not open TFDS dataset {name!r} split {split!r} in {data_dir!r}: {e}. "
@@ -130,6 +132,25 @@ def _read_uint8(name: str, split: str, data_dir: str,
     images.append(np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]))
     labels.append(np.asarray([ex["label"] for ex in examples], np.int32))
   return np.concatenate(images), np.concatenate(labels)
+
+
+def _check_prepared(name: str, split: str, data_dir: str, builder_dir: str) -> None:
+  """A prepared split has a version folder with dataset_info.json and its array_record files
+  (an interrupted `prepare` leaves a folder without them); otherwise a FileNotFoundError that
+  says how to prepare it again."""
+  complete = []
+  for version in sorted(os.listdir(builder_dir)):
+    folder = os.path.join(builder_dir, version)
+    if not os.path.isfile(os.path.join(folder, "dataset_info.json")):
+      continue
+    if any(f.startswith(f"{name}-{split}.array_record") for f in os.listdir(folder)):
+      complete.append(folder)
+  if not complete:
+    hint = DEBIAN_HINT.get(name, f"python -m dfkd_jax.data.prepare {name}")
+    raise FileNotFoundError(
+        f"Dataset {name!r} in {builder_dir!r} is incomplete: no version folder holds "
+        f"dataset_info.json and the {split!r} split's array_record files (an interrupted "
+        f"prepare?). Delete {builder_dir!r} and prepare it again: {hint}")
 
 
 @functools.lru_cache(maxsize=8)

@@ -317,3 +317,30 @@ def test_unknown_dataset_lists_valid_names():
     datasets.load_split("imagenet", "test")
   for name in datasets.DATASETS:
     assert name in str(e.value)
+
+
+@pytest.mark.parametrize("layout", ["empty", "version_without_info", "info_without_split"])
+def test_incomplete_dataset_folder_is_an_error_and_never_downloads(layout, tmp_path,
+                                                                   monkeypatch):
+  """An empty or half-prepared TFDS folder (a killed prepare) is a FileNotFoundError naming the
+  folder and the fix, raised without touching the network."""
+  import socket  # pylint: disable=g-import-not-at-top
+
+  def no_network(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args}")
+
+  monkeypatch.setattr(socket.socket, "connect", no_network)
+  monkeypatch.setattr(socket, "create_connection", no_network)
+  builder = tmp_path / "fashion_mnist"
+  builder.mkdir()
+  if layout != "empty":
+    version = builder / "3.0.1"
+    version.mkdir()
+    (version / "fashion_mnist-train.array_record-00000-of-00001").write_bytes(b"")
+    if layout == "info_without_split":
+      (version / "dataset_info.json").write_text("{}")
+  datasets._cached_uint8.cache_clear()  # pylint: disable=protected-access
+  with pytest.raises(FileNotFoundError, match=r"incomplete.*'test'.*prepare") as e:
+    datasets.load_split("fashion_mnist", "test", str(tmp_path), 32, limit=8)
+  assert str(builder) in str(e.value)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["fashion_mnist"]  # nothing written

@@ -23,16 +23,23 @@ class RunLogger:
     total_steps: planned number of steps (for ETA).
     name: short label printed at the start of each progress line.
     tensorboard: also write TensorBoard event files under `workdir/tb` (tensorboardX).
+    stream: where progress lines go (default stdout).
+    resume_step: the step the run (re)starts from: records of later steps in an existing
+      metrics.jsonl (written after the last checkpoint by a killed run) are dropped first, so a
+      resumed run's log holds each step once.
   """
 
   def __init__(self, workdir: str, total_steps: int, name: str = "train",
-               tensorboard: bool = True, stream=None):
+               tensorboard: bool = True, stream=None, resume_step: int | None = None):
     self.workdir = workdir
     os.makedirs(workdir, exist_ok=True)
     self.total_steps = total_steps
     self.name = name
     self.stream = stream or sys.stdout
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      truncate_log(path, resume_step)
+    self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
     self._tb = None
     if tensorboard:
       try:
@@ -84,6 +91,26 @@ class RunLogger:
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def truncate_log(path: str, step: int) -> None:
+  """Keeps the records of `path` (JSON lines) with "step" <= `step` (atomic rewrite)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except ValueError:  # a line cut by the kill
+      continue
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def format_seconds(s: float) -> str:

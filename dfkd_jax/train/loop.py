@@ -232,7 +232,8 @@ def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, tea
     f.write(config_json)
   history["teacher_sha256"] = teacher_sha256
   history["run_config"] = current_config
-  logger = logging_utils.RunLogger(workdir, schedule.num_steps, name=schedule.name)
+  logger = logging_utils.RunLogger(workdir, schedule.num_steps, name=schedule.name,
+                                   resume_step=int(state.step))
 
   def save(it):
     ckpt.save(it, state.replace(teacher=None), history)
@@ -320,11 +321,16 @@ def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, tea
       do_eval(it)  # a resumed finished run without its last evaluation
     history["train_seconds"] += time.perf_counter() - t_start
     history["clock_seconds"] = train_clock()
+    if t_compile is not None:  # this launch trained: its compile time and rate; a re-run of a
+      rate = logger.rate(it)   # finished run keeps those of the launch that trained
+      history["compile_seconds"] = t_compile
+      history["steps_per_second"] = rate if rate == rate else None
     if ckpt.latest_step() != it:
       save(it)
   finally:
     ckpt.close()
     logger.close()
-  return Result(state=state, history=history, steps=it, compile_seconds=t_compile,
-                steps_per_second=logger.rate(it) if t_compile is not None else None,
+  return Result(state=state, history=history, steps=it,
+                compile_seconds=history.get("compile_seconds"),
+                steps_per_second=history.get("steps_per_second"),
                 stopped_by_time_budget=stopped_early)

@@ -126,3 +126,28 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_holder_does_not_bl
     holder.wait()
   out, _ = _run(tmp_path, 2)  # the killed holder's lock is gone with it
   assert out.steps == 2
+
+
+def _logged_steps(workdir):
+  return [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_resume_after_a_kill_logs_each_step_once(tmp_path):
+  _run(tmp_path, 4)  # logs and evaluates at 2 and 4; checkpoints at 2 and 4
+  reference = _logged_steps(tmp_path)
+  ckpt = checkpointing.Checkpointer(os.path.join(tmp_path, "checkpoints"))
+  ckpt.delete(4)  # as if killed after logging step 4 but before its checkpoint
+  ckpt.close()
+  with open(os.path.join(tmp_path, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # and a line cut by the kill
+  out, _ = _run(tmp_path, 4)
+  assert out.steps == 4 and _logged_steps(tmp_path) == reference
+
+
+def test_rerun_of_a_finished_run_keeps_its_compile_time_and_rate(tmp_path):
+  first, _ = _run(tmp_path, 4)
+  assert first.compile_seconds is not None and first.steps_per_second is not None
+  again, _ = _run(tmp_path, 4)
+  assert again.steps == 4
+  assert again.compile_seconds == first.compile_seconds
+  assert again.steps_per_second == first.steps_per_second

@@ -109,6 +109,30 @@ def _one_line(e: BaseException) -> str:
   return " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
 
 
+def _loaded_config(argv):
+  """FLAGS.config, loaded now (ml_collections loads the file lazily): a missing file, a file that
+  is not Python, or a get_config that raises is a ValueError naming the file."""
+  del argv  # absl has taken the flags out of it
+  given = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+  path = given.split(":", 1)[0]
+  if path and not os.path.isfile(path):
+    raise ValueError(f"--config: no config file {path!r} (from {os.getcwd()}); the shipped ones "
+                     "are in configs/, e.g. --config=configs/fashion_mnist_lenet5.py:method=dafl.")
+  try:
+    config = FLAGS.config
+    list(config.keys())  # the file is loaded on first access
+    return config
+  except Exception as e:  # pylint: disable=broad-except  (whatever the config file raised)
+    cause = e
+    while cause.__cause__ is not None:
+      cause = cause.__cause__
+    if isinstance(cause, SyntaxError):
+      raise ValueError(f"--config: {path!r} is not valid Python (line {cause.lineno}: "
+                       f"{cause.msg}).") from e
+    raise ValueError(f"--config: loading {path!r} failed: {type(cause).__name__}: "
+                     f"{_one_line(cause)}") from e
+
+
 def _check_flags(argv) -> None:
   """Raises UsageError for flags that do not fit the mode."""
   mode = FLAGS.mode
@@ -122,6 +146,8 @@ def _check_flags(argv) -> None:
   wrong = sorted(given - {"mode", *_MODE_FLAGS[mode]})
   if wrong:
     raise UsageError(f"--{', --'.join(wrong)} not used by --mode={mode}; see --help.")
+  if mode == "train" and not FLAGS.workdir.strip():
+    raise UsageError("--workdir is empty: name the run folder (e.g. --workdir=runs/my_run).")
   if mode == "evaluate" and not FLAGS.model_dir:
     raise UsageError("--mode=evaluate needs --model_dir=<run folder with model.msgpack and "
                      "model.json>.")
@@ -201,7 +227,7 @@ def _main(argv):
       _evaluate()
       return
     from dfkd_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(_loaded_config(argv), FLAGS.workdir)
   except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
     # user errors, and the NaN guard's stop (FloatingPointError): one line, exit 2
     if os.environ.get("DFKD_DEBUG"):
@@ -229,6 +255,14 @@ def _parse_flags(argv):
           "valid fields.", file=sys.stderr)
   except (TypeError, ValueError) as e:  # wrong type for a field, or get_config rejected its arg
     print(f"error: bad --config value: {e}", file=sys.stderr)
+  except SyntaxError as e:  # the config file is not Python
+    print(f"error: --config: {e.filename!r} is not valid Python (line {e.lineno}: {e.msg}).",
+          file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except  (the config file's get_config raised)
+    path = next((a.split("=", 1)[1].split(":", 1)[0] for a in argv if a.startswith("--config=")),
+                "?")
+    print(f"error: --config: loading {path!r} failed: {type(e).__name__}: {_one_line(e)}",
+          file=sys.stderr)
   sys.exit(2)
 
 

@@ -163,3 +163,26 @@ def test_condense_fewshot_writes_the_set(tmp_path):
                          "--pad_to", "32", "--train_limit", "512", "--out", str(out))
   assert proc.returncode == 0, proc.stderr
   assert out.is_file() and (tmp_path / "fewshot.png").is_file()
+
+
+# ------------------------------------------------------------------- config files that fail
+
+
+@pytest.mark.parametrize("content,fragments", [
+    (None, ["no config file", "missing.py", "configs/"]),
+    ("x = (\n", ["is not valid Python", "line 1"]),
+    ("def get_config(arg=None):\n  raise KeyError('boom')\n", ["failed", "KeyError", "boom"]),
+])
+def test_a_config_file_that_cannot_load_is_one_line(content, fragments, tmp_path):
+  path = tmp_path / "missing.py"
+  if content is not None:
+    path.write_text(content)
+  proc = _run_in(str(tmp_path), f"--config={path}", f"--workdir={tmp_path / 'run'}")
+  _one_line_error(proc, *fragments)
+  assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_workdir_is_one_line(tmp_path):
+  proc = _run_in(str(tmp_path), f"--config={TINY_TEACHER}", "--workdir=")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "--workdir is empty" in proc.stderr, proc.stderr

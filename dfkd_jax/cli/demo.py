@@ -18,11 +18,8 @@ from dfkd_jax import cli
 from dfkd_jax import methods
 from dfkd_jax.io import report
 
-# Every data-free method, the best measured first (benchmarks/RESULTS.md §9 and the
-# time-to-accuracy table): a demo stopped early has already shown the recipes worth using.
-BEST_FIRST = ("nayer", "fast", "dfad", "mb_dfkd", "dafl")
-DEFAULT_METHODS = tuple(m for m in BEST_FIRST if m in methods.METHODS) + tuple(
-    m for m in methods.METHODS if m not in BEST_FIRST)
+# Every data-free method, in the registry's order (the best measured first).
+DEFAULT_METHODS = tuple(methods.METHODS)
 CONFIG = os.path.join(cli.REPO_ROOT, "configs", "fashion_mnist_lenet5.py")
 
 

@@ -33,25 +33,27 @@ class MethodSpec:
   summary: str
 
 
+# The registry, in the order the demo runs them: the best measured first (benchmarks/RESULTS.md
+# §9 and the time-to-accuracy tables), so a demo stopped early has shown the recipes worth using.
 METHODS: dict[str, MethodSpec] = {
-    "dafl": MethodSpec(generative.make_dafl, generative.dafl_defaults, True,
-                       "generator: one-hot + information entropy + activation; student KL"),
+    "nayer": MethodSpec(fast_nayer.make_nayer, fast_nayer.nayer_defaults, True,
+                        "label-embedding generator with re-drawn noisy layers, image pool"),
+    "fast": MethodSpec(fast_nayer.make_fast, fast_nayer.fast_defaults, True,
+                       "meta-learned generator, k adaptation steps per batch, image pool"),
     "dfad": MethodSpec(generative.make_dfad, generative.dfad_defaults, True,
                        "adversarial generator (L1 on logits), several student steps per G step"),
+    "mb_dfkd": MethodSpec(replay.make_mb_dfkd, replay.mb_dfkd_defaults, True,
+                          "adversarial generator + BN matching + a memory bank"),
+    "dafl": MethodSpec(generative.make_dafl, generative.dafl_defaults, True,
+                       "generator: one-hot + information entropy + activation; student KL"),
     "zskt": MethodSpec(generative.make_zskt, generative.zskt_defaults, True,
                        "adversarial generator (KL) + attention transfer"),
     "deepinversion": MethodSpec(inversion.make_deepinversion, inversion.deepinversion_defaults,
                                 False, "pixels: CE + BatchNorm-statistics matching + TV prior"),
     "adi": MethodSpec(inversion.make_deepinversion, inversion.adi_defaults, False,
                       "DeepInversion + the Jensen-Shannon competition term"),
-    "mb_dfkd": MethodSpec(replay.make_mb_dfkd, replay.mb_dfkd_defaults, True,
-                          "adversarial generator + BN matching + a memory bank"),
     "pre_dfkd": MethodSpec(replay.make_pre_dfkd, replay.pre_dfkd_defaults, True,
                            "generator + a VAE replaying the synthetic stream"),
-    "fast": MethodSpec(fast_nayer.make_fast, fast_nayer.fast_defaults, True,
-                       "meta-learned generator, k adaptation steps per batch, image pool"),
-    "nayer": MethodSpec(fast_nayer.make_nayer, fast_nayer.nayer_defaults, True,
-                        "label-embedding generator with re-drawn noisy layers, image pool"),
 }
 
 # Real-data modes, trained by `dfkd_jax.train.supervised` (kd_* distil the teacher's soft labels).

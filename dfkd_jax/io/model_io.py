@@ -59,8 +59,17 @@ def load_model(workdir: str, *, role: str = "teacher", expect_model: str | None 
   if not (os.path.isfile(wpath) and os.path.isfile(mpath)):
     raise ModelLoadError(f"No {role} checkpoint at {workdir!r} (expected {WEIGHTS} and {META})."
                          + (f" {hint}" if hint else ""))
-  with open(mpath, encoding="utf-8") as f:
-    meta = json.load(f)
+  try:
+    with open(mpath, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ModelLoadError(f"{mpath} is unreadable ({type(e).__name__}: {e}); re-export the model "
+                         "(re-run the training run, which rewrites it).") from e
+  missing = [k for k in ("model", "num_classes", "input_shape", "sha256")
+             if not isinstance(meta, dict) or k not in meta]
+  if missing:
+    raise ModelLoadError(f"{mpath} lacks {', '.join(missing)}: it was not written by "
+                         "dfkd_jax.io.model_io.export_model; re-export the model with it.")
   problems = []
   if expect_model is not None and meta["model"] != expect_model:
     problems.append(f"architecture {meta['model']!r} (config says {expect_model!r}; set "
@@ -84,7 +93,19 @@ def load_model(workdir: str, *, role: str = "teacher", expect_model: str | None 
                           train=False))
   target = {"params": target_vars["params"], "batch_stats": target_vars.get("batch_stats", {})}
   target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
-  tree = serialization.from_state_dict(target, serialization.msgpack_restore(blob))
+  try:
+    tree = serialization.from_state_dict(target, serialization.msgpack_restore(blob))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ModelLoadError(f"{wpath} does not hold {meta['model']!r} weights ({e}); re-export "
+                         "it.") from e
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(target),
+                               jax.tree.leaves(tree)):
+    if np.shape(got) != np.shape(want):
+      raise ModelLoadError(
+          f"{wpath}: {jax.tree_util.keystr(path)} has shape {np.shape(got)}, but "
+          f"{meta['model']!r} with {meta['num_classes']} classes and inputs "
+          f"{tuple(meta['input_shape'])} needs {np.shape(want)}; the weights and model.json "
+          "do not belong together. Re-export the model.")
   frozen = state_lib.FrozenModel(params=tree["params"], batch_stats=tree["batch_stats"],
                                  apply_fn=module.apply)
   return module, frozen, meta

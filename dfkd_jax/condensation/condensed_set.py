@@ -72,6 +72,10 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, path: str) -> None:
     raise CondensedDataError(
         f"condensed images in {path} have shape {images.shape}, not [N, H, W, C]: rebuild the "
         f"file with {_REBUILD}")
+  if images.shape[0] == 0:
+    raise CondensedDataError(
+        f"{path} holds no images: an empty condensed set guides nothing; rebuild it with "
+        f"{_REBUILD} (ipc >= 1)")
   if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
     raise CondensedDataError(
         f"{path} holds {images.shape[0]} images but labels of shape {labels.shape}: the file is "

@@ -300,6 +300,7 @@ def test_loader_missing_keys_and_bad_arrays(tmp_path):
       "rank3": (np.zeros((2, 8, 8), np.float32), np.zeros(2, np.int32), "not \\[N, H, W, C\\]"),
       "n_mismatch": (np.zeros((3, 8, 8, 1), np.float32), np.zeros(2, np.int32), "3 images but"),
       "nan": (np.full((2, 8, 8, 1), np.nan, np.float32), np.zeros(2, np.int32), "non-finite"),
+      "empty": (np.zeros((0, 8, 8, 1), np.float32), np.zeros(0, np.int32), "holds no images"),
   }
   for name, (images, labels, pattern) in cases.items():
     p = tmp_path / f"{name}.npz"

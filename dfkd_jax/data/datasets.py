@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import os
 
 import numpy as np
@@ -124,13 +125,22 @@ def _read_uint8(name: str, split: str, data_dir: str,
         f"Could not open TFDS dataset {name!r} split {split!r} in {data_dir!r}: {e}. "
         f"Re-prepare it with python -m dfkd_jax.data.prepare {name} (it must be built in the "
         "array_record format).") from e
-  n = len(source) if limit is None else min(len(source), limit)
   images, labels = [], []
   chunk = 2048
-  for start in range(0, n, chunk):
-    examples = source.__getitems__(list(range(start, min(n, start + chunk))))
-    images.append(np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]))
-    labels.append(np.asarray([ex["label"] for ex in examples], np.int32))
+  try:
+    n = len(source) if limit is None else min(len(source), limit)
+    for start in range(0, n, chunk):
+      examples = source.__getitems__(list(range(start, min(n, start + chunk))))
+      images.append(np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]))
+      labels.append(np.asarray([ex["label"] for ex in examples], np.int32))
+  except Exception as e:  # pylint: disable=broad-except  (array_record / decoding errors)
+    files = sorted(glob.glob(os.path.join(builder_dir, "*", f"{name}-{split}.array_record*")))
+    hint = DEBIAN_HINT.get(name, f"python -m dfkd_jax.data.prepare {name}")
+    raise RuntimeError(
+        f"Reading the {split!r} split of {name!r} failed ({type(e).__name__}: "
+        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}): its files "
+        f"({', '.join(files) or builder_dir}) are damaged. Delete {builder_dir!r} and prepare it "
+        f"again: {hint}") from e
   return np.concatenate(images), np.concatenate(labels)
 
 

@@ -344,3 +344,23 @@ def test_incomplete_dataset_folder_is_an_error_and_never_downloads(layout, tmp_p
     datasets.load_split("fashion_mnist", "test", str(tmp_path), 32, limit=8)
   assert str(builder) in str(e.value)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["fashion_mnist"]  # nothing written
+
+
+def test_damaged_array_record_names_the_file_and_the_fix(tmp_path):
+  src = os.path.join(datasets.default_data_dir(), "fashion_mnist", "3.0.1")
+  if not os.path.isdir(src):
+    pytest.skip("Fashion-MNIST TFDS dataset not prepared")
+  dst = tmp_path / "fashion_mnist" / "3.0.1"
+  dst.mkdir(parents=True)
+  for name in os.listdir(src):
+    if "train.array_record" not in name:  # the test split is enough
+      shutil.copy(os.path.join(src, name), dst / name)
+  record = next(p for p in dst.iterdir() if "test.array_record" in p.name)
+  data = bytearray(record.read_bytes())
+  for i in range(1000, len(data), 997):
+    data[i] ^= 0xFF
+  record.write_bytes(bytes(data))
+  datasets._cached_uint8.cache_clear()  # pylint: disable=protected-access
+  with pytest.raises(RuntimeError, match=r"are damaged\. Delete .* prepare it again") as e:
+    datasets.load_split("fashion_mnist", "test", str(tmp_path), 32)
+  assert record.name in str(e.value)

@@ -228,8 +228,9 @@ def _main(argv):
       return
     from dfkd_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(_loaded_config(argv), FLAGS.workdir)
-  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-    # user errors, and the NaN guard's stop (FloatingPointError): one line, exit 2
+  except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
+    # user errors, files that cannot be read or written (a read-only or full disk, a path
+    # through a file), and the NaN guard's stop (FloatingPointError): one line, exit 2
     if os.environ.get("DFKD_DEBUG"):
       raise
     print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -186,3 +186,10 @@ def test_an_empty_workdir_is_one_line(tmp_path):
   proc = _run_in(str(tmp_path), f"--config={TINY_TEACHER}", "--workdir=")
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "--workdir is empty" in proc.stderr, proc.stderr
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  proc = _run_in(str(tmp_path), f"--config={TINY_TEACHER}", f"--workdir={blocker / 'run'}")
+  _one_line_error(proc, "a_file")

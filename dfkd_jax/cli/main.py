@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import glob
+import errno
 import os
 import sys
 
@@ -103,6 +104,20 @@ def usage() -> str:
     lines.append(f"  --{name}: {flag.help}{default}")
   lines += ["", "Run `python -m dfkd_jax.io.report <run folders>` to compare finished runs."]
   return "\n".join(lines)
+
+
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+                   FileExistsError)
+
+
+def _user_error(e: BaseException) -> bool:
+  """Whether `e` is the user's to fix (printed as one line) rather than an internal error."""
+  if isinstance(e, OSError):
+    return isinstance(e, _USER_OS_ERRORS) or e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+  if isinstance(e, FloatingPointError):
+    from dfkd_jax.train import loop  # pylint: disable=g-import-not-at-top
+    return isinstance(e, loop.NonFiniteLossError)
+  return True
 
 
 def _one_line(e: BaseException) -> str:
@@ -229,9 +244,10 @@ def _main(argv):
     from dfkd_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(_loaded_config(argv), FLAGS.workdir)
   except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
-    # user errors, files that cannot be read or written (a read-only or full disk, a path
-    # through a file), and the NaN guard's stop (FloatingPointError): one line, exit 2
-    if os.environ.get("DFKD_DEBUG"):
+    # user errors, files that cannot be read or written (missing, read-only or full disk, a
+    # path through a file), and the NaN guard's stop: one line, exit 2; DFKD_DEBUG=1 shows the
+    # traceback. Other OS and floating-point errors are internal: traceback.
+    if os.environ.get("DFKD_DEBUG") or not _user_error(e):
       raise
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import json
 import os
 
 import numpy as np
@@ -148,13 +149,22 @@ def _check_prepared(name: str, split: str, data_dir: str, builder_dir: str) -> N
   """A prepared split has a version folder with dataset_info.json and its array_record files
   (an interrupted `prepare` leaves a folder without them); otherwise a FileNotFoundError that
   says how to prepare it again."""
-  complete = []
+  complete, known = [], set()
   for version in sorted(os.listdir(builder_dir)):
     folder = os.path.join(builder_dir, version)
-    if not os.path.isfile(os.path.join(folder, "dataset_info.json")):
+    info_path = os.path.join(folder, "dataset_info.json")
+    if not os.path.isfile(info_path):
       continue
+    try:
+      with open(info_path, encoding="utf-8") as f:
+        known.update(s["name"] for s in json.load(f).get("splits", []))
+    except (OSError, ValueError, KeyError, TypeError):
+      pass
     if any(f.startswith(f"{name}-{split}.array_record") for f in os.listdir(folder)):
       complete.append(folder)
+  if not complete and known and split not in known:
+    raise ValueError(f"Dataset {name!r} has no split {split!r} (slices such as 'test[:8]' are "
+                     f"not supported; use a limit); valid: {', '.join(sorted(known))}.")
   if not complete:
     hint = DEBIAN_HINT.get(name, f"python -m dfkd_jax.data.prepare {name}")
     raise FileNotFoundError(

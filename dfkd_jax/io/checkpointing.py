@@ -9,7 +9,9 @@ which Orbax itself does not notice) is an error, never a silently different run.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -22,7 +24,7 @@ class CheckpointError(RuntimeError):
 
 
 class CorruptCheckpointError(CheckpointError):
-  """The checkpoint at `step` is damaged or unreadable (earlier ones may be intact)."""
+  """The arrays of the checkpoint at `step` fail their checksum (earlier ones may be intact)."""
 
   def __init__(self, message: str, step: int):
     super().__init__(message)
@@ -42,7 +44,7 @@ def tree_sha256(tree: Any) -> str:
   for leaf in jax.tree.leaves(tree):
     a = raw(leaf)
     h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.tobytes())
+    h.update(memoryview(a).cast("B"))  # no copy
   return h.hexdigest()
 
 
@@ -63,7 +65,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Saves asynchronously (call `wait()` before reading the files or exiting); `meta` gains
     the state's checksum, `state_sha256`."""
-    meta = {**meta, "state_sha256": tree_sha256(state)}
+    # A deep copy now: the save is asynchronous and the caller's lists grow afterwards.
+    meta = json.loads(json.dumps({**meta, "state_sha256": tree_sha256(state)}))
     self._mngr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -80,12 +83,16 @@ class Checkpointer:
     try:
       restored = self._mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises many types for damaged files.
+    except (MemoryError, PermissionError) as e:  # not the checkpoint's fault
+      raise CheckpointError(f"Could not restore the checkpoint at step {step} in "
+                            f"{self.directory}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # Orbax raises many types for damaged files and other structures.
       first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise CorruptCheckpointError(
+      raise CheckpointError(
           f"Checkpoint at step {step} in {self.directory} is unreadable or does not fit this "
-          f"run's state ({type(e).__name__}: {first_line[:300]}). {self._way_out(step)}",
-          step=step) from e
+          f"run's state ({type(e).__name__}: {first_line[:300]}); it was written by another "
+          "config or another version of dfkd_jax, or it is damaged. Resume with the run's own "
+          f"config, or use a new --workdir. {self._way_out(step)}") from e
     meta = dict(restored["meta"])
     saved = meta.get("state_sha256")  # absent in checkpoints of earlier versions
     if saved is not None and tree_sha256(restored["state"]) != saved:
@@ -101,9 +108,27 @@ class Checkpointer:
               f"{os.path.join(self.directory, str(step))} to resume from step {earlier[-1]}.")
     return "No earlier checkpoint exists: delete the folder to start over."
 
-  def delete(self, step: int) -> None:
-    """Deletes the checkpoint at `step`."""
-    self._mngr.delete(int(step))
+  def read_meta(self, step: int | None = None) -> dict:
+    """The JSON item of the checkpoint at `step` (latest by default), without its arrays; {}
+    if it cannot be read (the restore of the whole checkpoint then says why)."""
+    step = self.latest_step() if step is None else step
+    try:
+      restored = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return dict(restored["meta"])
+    except Exception:  # pylint: disable=broad-except
+      return {}
+
+  def quarantine(self, step: int) -> str:
+    """Moves the checkpoint at `step` out of the way, to `<directory>.damaged/<step>` (kept for
+    inspection); returns where it went."""
+    dest_root = self.directory + ".damaged"
+    os.makedirs(dest_root, exist_ok=True)
+    dest = os.path.join(dest_root, str(step))
+    if os.path.exists(dest):
+      shutil.rmtree(dest)
+    shutil.move(os.path.join(self.directory, str(step)), dest)
+    self._mngr.reload()
+    return dest
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

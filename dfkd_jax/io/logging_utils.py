@@ -102,11 +102,12 @@ def truncate_log(path: str, step: int) -> None:
   kept = []
   for line in lines:
     try:
-      if json.loads(line).get("step", 0) <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
+      record = json.loads(line)
     except ValueError:  # a line cut by the kill
       continue
-  if len(kept) != len(lines):
+    if isinstance(record, dict) and record.get("step", 0) <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(kept)

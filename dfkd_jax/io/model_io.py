@@ -82,7 +82,11 @@ def load_model(workdir: str, *, role: str = "teacher", expect_model: str | None 
   if problems:
     raise ModelLoadError(f"The {role} at {workdir!r} does not match the config: it has "
                          + "; ".join(problems) + ".")
-  module = models_lib.get_model(meta["model"], num_classes=meta["num_classes"])
+  try:
+    module = models_lib.get_model(meta["model"], num_classes=meta["num_classes"])
+  except ValueError as e:
+    raise ModelLoadError(f"{mpath} names a model this installation does not have ({e}); "
+                         "register it in dfkd_jax.models.MODELS before loading.") from e
   with open(wpath, "rb") as f:
     blob = f.read()
   if hashlib.sha256(blob).hexdigest() != meta["sha256"]:

@@ -123,6 +123,11 @@ def init_state(key, ctx: Context, parts: Sequence[Part] = (), *,
   names = [p.name for p in parts]
   if len(set(names)) != len(names):
     raise ValueError(f"Two state parts share a name: {names}.")
+  shadowed = [n for n in names if hasattr(state_lib.DFKDState, n) or n in
+              state_lib.DFKDState.__dataclass_fields__]
+  if shadowed:
+    raise ValueError(f"State part name(s) {shadowed} are DFKDState's own attributes; rename "
+                     "the part.")
   return state_lib.DFKDState(step=jnp.zeros((), jnp.int32), rng=k_rng, teacher=ctx.teacher,
                              student=student, parts={p.name: p.init(key, ctx) for p in parts})
 

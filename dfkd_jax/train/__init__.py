@@ -23,7 +23,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   # pylint: disable=g-import-not-at-top
   config_blocks.validate(config)  # every range, before anything is written
-  with numerics_lib.use(numerics_lib.Numerics.from_config(config)):
+  from dfkd_jax.train import loop
+  # One process per workdir, for the whole run (summary and export included).
+  with loop.workdir_lock(workdir), numerics_lib.use(numerics_lib.Numerics.from_config(config)):
     if config.method in SUPERVISED_METHODS:
       from dfkd_jax.train import supervised
       return supervised.train_supervised(config, workdir)

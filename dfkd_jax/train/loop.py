@@ -12,6 +12,7 @@ choose anything.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -43,10 +44,14 @@ class ConfigMismatchError(ValueError):
 
 
 # Config fields (by their last name) that do not change what a run computes: logging and
-# checkpoint cadence, pictures, labels, paths whose content is checked otherwise (the teacher by
-# its sha256) and the wall-clock budget. Any other difference stops a resume.
+# checkpoint cadence, pictures, labels, the evaluation subset, paths whose content is checked
+# otherwise (the teacher by its sha256) and the wall-clock budget. Any other difference stops a
+# resume, except fields the checkpoint's config lacks (added by a later version of the library).
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "checkpoint_every", "max_to_keep",
-                              "save_images", "label", "data_dir", "time_budget_s", "workdir"})
+                              "save_images", "label", "data_dir", "time_budget_s", "workdir",
+                              "test_limit"})
+# The condensed set is part of the checkpointed state: its file may move.
+RESUMABLE_PATHS = frozenset({"condensed.path"})
 
 
 def _flatten(tree, prefix=""):
@@ -63,16 +68,39 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   a, b = _flatten(saved), _flatten(current)
   out = []
   for key in sorted(set(a) | set(b)):
-    if key.rsplit(".", 1)[-1] in RESUMABLE_FIELDS:
+    if key.rsplit(".", 1)[-1] in RESUMABLE_FIELDS or key in RESUMABLE_PATHS:
+      continue
+    if key not in a:  # a field added by a later version of the library: its default is used
       continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
   return out
 
 
-def lock_workdir(workdir: str):
-  """An exclusive lock on `workdir/.lock` for this process (the kernel drops it when the process
-  ends, however it ends). Returns the open lock file; raises WorkdirBusyError if it is held."""
+_HELD_LOCKS: dict[str, list] = {}  # realpath of workdir -> [open lock file, depth]
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive lock on `workdir/.lock` (re-entrant within this process: the run modes
+  take it around the whole run, the loop again around its part). The kernel drops it when the
+  process ends, however it ends; raises WorkdirBusyError if another process holds it."""
+  os.makedirs(workdir, exist_ok=True)
+  key = os.path.realpath(workdir)
+  if key in _HELD_LOCKS:
+    _HELD_LOCKS[key][1] += 1
+  else:
+    _HELD_LOCKS[key] = [_lock_file(workdir), 1]
+  try:
+    yield
+  finally:
+    _HELD_LOCKS[key][1] -= 1
+    if not _HELD_LOCKS[key][1]:
+      _HELD_LOCKS.pop(key)[0].close()
+
+
+def _lock_file(workdir: str):
+  """Opens `workdir/.lock` and takes the flock; raises WorkdirBusyError if it is held."""
   path = os.path.join(workdir, ".lock")
   f = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
   try:
@@ -177,27 +205,40 @@ def run(schedule: Schedule, state, step_fn: Callable, evaluate: Callable, workdi
     print_keys: `print_keys(metrics) -> keys` printed on the progress line (default: the first
       6 but the NaN guard's `finite`).
   """
-  os.makedirs(workdir, exist_ok=True)
-  lock = lock_workdir(workdir)
-  try:
+  with workdir_lock(workdir):
     return _run_locked(schedule, state, step_fn, evaluate, workdir, config_json=config_json,
                        teacher_sha256=teacher_sha256, on_eval=on_eval, print_keys=print_keys)
-  finally:
-    lock.close()
 
 
 def _restore(ckpt, target):
-  """The newest intact checkpoint: a damaged one (checksum or unreadable) is reported, deleted
-  and the next older one tried; raises if none is intact."""
+  """The newest checkpoint whose arrays pass their checksum: one that fails it is reported,
+  moved aside (`Checkpointer.quarantine`) and the next older one tried; raises if none is left.
+  Other restore errors (another state structure, unreadable files) are raised as they are."""
   while True:
     try:
       return ckpt.restore(target)
     except checkpointing.CorruptCheckpointError as e:
       if not [s for s in ckpt.all_steps() if s < e.step]:
         raise
-      print(f"warning: {str(e).split(' Earlier checkpoints')[0]} It is deleted; resuming from "
-            "the previous checkpoint.", flush=True)
-      ckpt.delete(e.step)
+      where = ckpt.quarantine(e.step)
+      print(f"warning: {str(e).split(' Earlier checkpoints')[0]} It was moved to {where}; "
+            "resuming from the previous checkpoint.", flush=True)
+
+
+def _check_resume(ckpt, meta: dict, teacher_sha256, current_config: dict, workdir: str) -> None:
+  """Before any array is read: the checkpoint's teacher and config must be this run's."""
+  saved = meta.get("teacher_sha256")
+  if teacher_sha256 and saved and saved != teacher_sha256:
+    raise checkpointing.CheckpointError(
+        f"The checkpoint in {ckpt.directory} was trained from the teacher with sha256 "
+        f"{saved[:12]}…, but config.teacher.workdir now holds {teacher_sha256[:12]}…. Point "
+        "config.teacher.workdir at the original teacher, or use a new --workdir.")
+  diffs = config_differences(meta.get("run_config") or current_config, current_config)
+  if diffs:
+    raise ConfigMismatchError(
+        f"{workdir} holds a run with another config; resuming it with this one would mix two "
+        f"runs. Differences (checkpoint -> now): {'; '.join(diffs)}. Resume with the run's own "
+        f"settings ({os.path.join(workdir, 'config.json')}) or use a new --workdir.")
 
 
 def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, teacher_sha256,
@@ -209,19 +250,8 @@ def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, tea
   current_config = json.loads(config_json)
   if ckpt.latest_step() is not None:
     try:
+      _check_resume(ckpt, ckpt.read_meta(), teacher_sha256, current_config, workdir)
       restored, meta = _restore(ckpt, state.replace(teacher=None))
-      saved = meta.get("teacher_sha256")
-      if teacher_sha256 and saved and saved != teacher_sha256:
-        raise checkpointing.CheckpointError(
-            f"The checkpoint in {ckpt.directory} was trained from the teacher with sha256 "
-            f"{saved[:12]}…, but config.teacher.workdir now holds {teacher_sha256[:12]}…. Point "
-            "config.teacher.workdir at the original teacher, or use a new --workdir.")
-      diffs = config_differences(meta.get("run_config") or current_config, current_config)
-      if diffs:
-        raise ConfigMismatchError(
-            f"{workdir} holds a run with another config; resuming it with this one would mix two "
-            f"runs. Differences (checkpoint -> now): {'; '.join(diffs)}. Resume with the run's "
-            f"own settings ({os.path.join(workdir, 'config.json')}) or use a new --workdir.")
     except Exception:
       ckpt.close()
       raise
@@ -271,7 +301,8 @@ def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, tea
       raise NonFiniteLossError(
           f"Non-finite loss by step {it} ({bad or 'an earlier step'}); the run is stopped. "
           f"Last good checkpoint: {last if last is not None else 'none'} in {ckpt.directory}. "
-          "Lower the learning rates or loss weights and resume.")
+          "Lower the learning rates or loss weights and start a new run (another --workdir): "
+          "a resumed run keeps its settings.")
 
   s = schedule
   it = int(state.step)

@@ -364,3 +364,14 @@ def test_damaged_array_record_names_the_file_and_the_fix(tmp_path):
   with pytest.raises(RuntimeError, match=r"are damaged\. Delete .* prepare it again") as e:
     datasets.load_split("fashion_mnist", "test", str(tmp_path), 32)
   assert record.name in str(e.value)
+
+
+def test_unknown_split_names_the_valid_ones(tmp_path):
+  version = tmp_path / "fashion_mnist" / "3.0.1"
+  version.mkdir(parents=True)
+  (version / "dataset_info.json").write_text(
+      '{"splits": [{"name": "train"}, {"name": "test"}]}')
+  (version / "fashion_mnist-test.array_record-00000-of-00001").write_bytes(b"")
+  datasets._cached_uint8.cache_clear()  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"no split 'tset'.*valid: test, train"):
+    datasets.load_split("fashion_mnist", "tset", str(tmp_path), 32)

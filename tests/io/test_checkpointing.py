@@ -179,9 +179,9 @@ def test_flipped_bytes_in_array_data_never_restore_other_values(tmp_path):
       try:
         restored, _ = ckpt.restore(_big_state(0))
         _assert_tree_equal(restored, _big_state(2))  # the flip hit nothing that is read back
-      except checkpointing.CorruptCheckpointError as e:
-        assert e.step == 2 and "resume from step 1" in str(e)
-        checksum_errors += "checksum" in str(e)
+      except checkpointing.CheckpointError as e:  # unreadable, or the checksum
+        assert "step 2" in str(e) and "resume from step 1" in str(e)
+        checksum_errors += isinstance(e, checkpointing.CorruptCheckpointError)
       finally:
         ckpt.close()
   assert checksum_errors, "no flip reached the checksum"

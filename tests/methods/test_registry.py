@@ -119,6 +119,8 @@ def test_state_parts_must_have_distinct_names():
   part = methods.base.generator_part(ctx)
   with pytest.raises(ValueError, match="share a name"):
     methods.base.init_state(jax.random.key(0), ctx, (part, part))
+  with pytest.raises(ValueError, match=r"\['student'\] are DFKDState's own attributes"):
+    methods.base.init_state(jax.random.key(0), ctx, (part._replace(name="student"),))
 
 
 def test_unknown_method_names_the_valid_ones():

@@ -248,7 +248,7 @@ def test_student_ema_is_evaluated_next_to_the_student(teacher_dir, tmp_path):
   assert [m["test/accuracy_ema"] for m in logged if "test/accuracy_ema" in m] == \
       ema["accuracy_series"]
   config.distill.student_ema = 1.5
-  with pytest.raises(ValueError, match=r"student_ema=1.5 must be in \(0, 1\)"):
+  with pytest.raises(ValueError, match=r"student_ema=1.5 \(must be in \[0, 1\)\)"):
     train.train_and_evaluate(config, str(tmp_path / "bad_ema"))
 
 
@@ -275,6 +275,14 @@ def test_non_finite_loss_stops_before_checkpointing(distill_run, teacher_dir, tm
   config.distill.num_iters = last_good + 2
   config.distill.checkpoint_every = 1  # would save every iteration if the guard let it
   config.loss.adv = float("inf")  # a -inf generator loss, then NaN generator weights
+  # Resuming with other settings is refused, so make these the run's own settings (as if it had
+  # been started with them and diverged only now).
+  meta_path = os.path.join(workdir, "checkpoints", str(last_good), "meta", "metadata")
+  with open(meta_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  meta["run_config"] = json.loads(config.to_json_best_effort())
+  with open(meta_path, "w", encoding="utf-8") as f:
+    json.dump(meta, f)
   with pytest.raises(distill.NonFiniteLossError) as err:
     train.train_and_evaluate(config, workdir)
   message = str(err.value)

@@ -29,10 +29,11 @@ def _step(state, scale):
   return state.replace(step=state.step + 1, w=w), {"loss": jnp.sum(w)}
 
 
-def _run(workdir, num_steps, teacher_value=3.0, sha="a" * 64, scale=1.0, config=None):
+def _run(workdir, num_steps, teacher_value=3.0, sha="a" * 64, scale=1.0, config=None,
+         width=4):
   chex.clear_trace_counter()  # each run builds its own step, as the real modes do
   jitted = loop.jit_step(_step)
-  state = _State(step=jnp.int32(0), w=jnp.zeros(4), teacher=jnp.full((5,), teacher_value))
+  state = _State(step=jnp.int32(0), w=jnp.zeros(width), teacher=jnp.full((5,), teacher_value))
   seen_teacher = []
 
   def evaluate(s):
@@ -93,6 +94,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
   json.dump(meta, open(meta_path, "w"))
   out, _ = _run(tmp_path, 6)
   assert "step 4" in capsys.readouterr().out and out.steps == 6
+  assert os.path.isdir(os.path.join(tmp_path, "checkpoints.damaged", "4"))  # kept aside
   assert float(out.state.w[0]) == 6.0 and out.history["eval_steps"] == [2, 4, 6]
   assert out.history["accuracy"] == [2.0, 4.0, 6.0]
 
@@ -100,14 +102,15 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
 def test_resume_with_another_config_names_the_differences(tmp_path):
   base = {"seed": 0, "distill": {"num_iters": 4, "log_every": 2}, "label": "a"}
   _run(tmp_path, 2, config=base)
-  changed = {"seed": 1, "distill": {"num_iters": 4, "log_every": 2, "new": 1}, "label": "a"}
+  changed = {"seed": 1, "distill": {"num_iters": 5, "log_every": 2}, "label": "a"}
   with pytest.raises(loop.ConfigMismatchError,
-                     match=r"distill.new: '<absent>' -> 1; seed: 0 -> 1.*--workdir"):
+                     match=r"distill.num_iters: 4 -> 5; seed: 0 -> 1.*--workdir"):
     _run(tmp_path, 4, config=changed)
   assert json.load(open(tmp_path / "config.json")) == base  # not overwritten by the refused run
   # Logging cadence and labels do not change the computation: that resume is allowed.
-  out, _ = _run(tmp_path, 4, config={**base, "distill": {"num_iters": 4, "log_every": 1},
-                                     "label": "b"})
+  # A field the checkpoint's config lacks (added by a later version) takes its default.
+  out, _ = _run(tmp_path, 4, config={**base, "distill": {"num_iters": 4, "log_every": 1,
+                                                         "added_later": 0.0}, "label": "b"})
   assert out.steps == 4
 
 
@@ -135,9 +138,8 @@ def _logged_steps(workdir):
 def test_resume_after_a_kill_logs_each_step_once(tmp_path):
   _run(tmp_path, 4)  # logs and evaluates at 2 and 4; checkpoints at 2 and 4
   reference = _logged_steps(tmp_path)
-  ckpt = checkpointing.Checkpointer(os.path.join(tmp_path, "checkpoints"))
-  ckpt.delete(4)  # as if killed after logging step 4 but before its checkpoint
-  ckpt.close()
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(tmp_path, "checkpoints", "4"))  # killed before its checkpoint
   with open(os.path.join(tmp_path, "metrics.jsonl"), "a") as f:
     f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # and a line cut by the kill
   out, _ = _run(tmp_path, 4)
@@ -151,3 +153,14 @@ def test_rerun_of_a_finished_run_keeps_its_compile_time_and_rate(tmp_path):
   assert again.steps == 4
   assert again.compile_seconds == first.compile_seconds
   assert again.steps_per_second == first.steps_per_second
+
+
+def test_a_config_that_changes_the_state_is_refused_before_any_array_is_read(tmp_path):
+  """The checkpoint's config is compared first: a run whose state no longer fits is a
+  ConfigMismatchError naming the field, and every checkpoint stays where it was."""
+  _run(tmp_path, 4, config={"width": 4})
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  with pytest.raises(loop.ConfigMismatchError, match=r"width: 4 -> 8"):
+    _run(tmp_path, 6, config={"width": 8}, width=8)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  assert not os.path.exists(tmp_path / "checkpoints.damaged")

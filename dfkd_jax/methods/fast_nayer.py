@@ -125,12 +125,12 @@ def _keep_best(best, loss, x):
 
 def _student(ctx: base.Context, cfg_block, warmup: int):
   d, cfg = ctx.d, ctx.config
-  jitter = cfg_block.student_jitter
+  jitter, flip = cfg_block.student_jitter, bool(cfg_block.get("student_flip", False))
 
   def sample(state, key):
     k_pool, k_aug = jax.random.split(key)
     x = phases.sample_pool(state, k_pool, d.batch_size, ctx.mesh)
-    return augment.jitter_flip(k_aug, x, jitter, False) if jitter else x
+    return augment.jitter_flip(k_aug, x, jitter, flip) if (jitter or flip) else x
 
   step = phases.student_step(sample, kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature,
                              extras=base.condensed_extras(ctx))
@@ -254,7 +254,8 @@ def fast_defaults(c) -> None:
                                     bn_momentum=0.9, kd="kl", kd_temperature=20.0)
   c.fast = ml_collections.ConfigDict(dict(k=2, lr_g=5e-3, lr_z=0.015, warmup=20,
                                           pool_size=256 * 220, synth_jitter=4,
-                                          student_jitter=4, student_chunk=0))
+                                          student_jitter=4, student_flip=False,
+                                          student_chunk=0))
   c.distill.update(dict(num_iters=220, batch_size=256, latent_dim=256, student_steps=400))
   c.generator.ngf = 64
   c.gen_optimizer = config_blocks.optimizer("adam", lr=5e-3 * 2, momentum=0.0,
@@ -406,7 +407,7 @@ def nayer_defaults(c) -> None:
   c.nayer = ml_collections.ConfigDict(dict(
       g_steps=30, g_loops=2, g_life=10, lr_g=4e-3, warmup=20, pool_size=400 * 2 * 120,
       label_emb="gaussian", label_emb_size=512, label_emb_path="", emb_size=1000,
-      synth_jitter=4, student_jitter=4, student_chunk=0, synth_chunk=0))
+      synth_jitter=4, student_jitter=4, student_flip=False, student_chunk=0, synth_chunk=0))
   c.distill.update(dict(num_iters=120, batch_size=400, student_steps=400))
   c.generator.ngf = 64
   c.optimizer = config_blocks.optimizer("sgd", lr=0.2, momentum=0.9, weight_decay=1e-4,

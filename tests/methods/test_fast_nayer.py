@@ -227,3 +227,13 @@ def test_student_steps_must_fill_whole_chunks():
   config.distill.student_steps, config.fast.student_chunk = 4, 3
   with pytest.raises(ValueError, match="multiple of student_chunk=3"):
     steps.build("fast", config=config)
+
+
+def test_student_flip_changes_what_the_student_sees():
+  """Same seed, same synthesis; with student_flip the student's batches are mirrored at random,
+  so its weights after the first student iteration differ (and stay finite)."""
+  _, plain = _run_with("nayer", iters=2, warmup=1, student_jitter=0)
+  _, flipped = _run_with("nayer", iters=2, warmup=1, student_jitter=0, student_flip=True)
+  assert steps.tree_equal(plain[0][1], flipped[0][1])  # warm-up: no student step yet
+  assert not steps.tree_equal(plain[1][1], flipped[1][1])
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(flipped[1][1]))

@@ -124,10 +124,10 @@ def _one_line(e: BaseException) -> str:
   return " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
 
 
-def _loaded_config(argv):
-  """FLAGS.config, loaded now (ml_collections loads the file lazily): a missing file, a file that
-  is not Python, or a get_config that raises is a ValueError naming the file."""
-  del argv  # absl has taken the flags out of it
+def _loaded_config():
+  """FLAGS.config, loaded now. An existing file is loaded (and its errors reported, by
+  `_parse_flags`) at flag parsing; ml_collections defers a file it could not open, which would
+  otherwise surface as a traceback at first use: here it is a ValueError naming the file."""
   given = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
   path = given.split(":", 1)[0]
   if path and not os.path.isfile(path):
@@ -135,17 +135,11 @@ def _loaded_config(argv):
                      "are in configs/, e.g. --config=configs/fashion_mnist_lenet5.py:method=dafl.")
   try:
     config = FLAGS.config
-    list(config.keys())  # the file is loaded on first access
+    list(config.keys())  # a deferred file is loaded on first access
     return config
-  except Exception as e:  # pylint: disable=broad-except  (whatever the config file raised)
-    cause = e
-    while cause.__cause__ is not None:
-      cause = cause.__cause__
-    if isinstance(cause, SyntaxError):
-      raise ValueError(f"--config: {path!r} is not valid Python (line {cause.lineno}: "
-                       f"{cause.msg}).") from e
-    raise ValueError(f"--config: loading {path!r} failed: {type(cause).__name__}: "
-                     f"{_one_line(cause)}") from e
+  except Exception as e:  # pylint: disable=broad-except  (an unreadable file)
+    raise ValueError(f"--config: loading {path!r} failed: {type(e).__name__}: "
+                     f"{_one_line(e)}") from e
 
 
 def _check_flags(argv) -> None:
@@ -242,7 +236,7 @@ def _main(argv):
       _evaluate()
       return
     from dfkd_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(_loaded_config(argv), FLAGS.workdir)
+    train.train_and_evaluate(_loaded_config(), FLAGS.workdir)
   except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
     # user errors, files that cannot be read or written (missing, read-only or full disk, a
     # path through a file), and the NaN guard's stop: one line, exit 2; DFKD_DEBUG=1 shows the

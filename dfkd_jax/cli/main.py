@@ -36,6 +36,10 @@ MODES = {
 config_flags.DEFINE_config_file("config", None, "mode=train: config file (path.py:arg).",
                                 lock_config=True)
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do (see the modes above).")
+flags.DEFINE_bool("extend_budget", False,
+                  "mode=train: resuming a run may lengthen it (distill.num_iters, num_steps, "
+                  "num_epochs larger than its checkpoint's); its learning-rate schedules are "
+                  "re-sized from the resumed step on. Without it a changed length is refused.")
 flags.DEFINE_string("workdir", None,
                     "mode=train: run folder (created; resumed if it holds a checkpoint).")
 flags.DEFINE_string("model_dir", None,
@@ -49,7 +53,7 @@ flags.DEFINE_string("data_dir", None,
                     "~/tensorflow_datasets).")
 flags.DEFINE_integer("limit", 0, "mode=evaluate: only the first N examples (0: all).",
                      lower_bound=0)
-_MODE_FLAGS = {"train": ("config", "workdir"),
+_MODE_FLAGS = {"train": ("config", "workdir", "extend_budget"),
                "evaluate": ("model_dir", "teacher_dir", "dataset", "split", "data_dir", "limit"),
                "condense": ()}
 _OWN_FLAGS = ("mode", *(name for names in _MODE_FLAGS.values() for name in names))
@@ -236,7 +240,11 @@ def _main(argv):
       _evaluate()
       return
     from dfkd_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(_loaded_config(), FLAGS.workdir)
+    config = _loaded_config()
+    if FLAGS.extend_budget:
+      with config.unlocked():
+        config.extend_budget = True
+    train.train_and_evaluate(config, FLAGS.workdir)
   except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
     # user errors, files that cannot be read or written (missing, read-only or full disk, a
     # path through a file), and the NaN guard's stop: one line, exit 2; DFKD_DEBUG=1 shows the

@@ -226,7 +226,8 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   budget = float(d.get("time_budget_s", 0.0) or 0.0)
   schedule = loop_lib.Schedule(config.method, d.num_iters, d.log_every, d.eval_every,
-                               d.checkpoint_every, config.max_to_keep, budget)
+                               d.checkpoint_every, config.max_to_keep, budget,
+                               extend=bool(config.get("extend_budget", False)))
   out = loop_lib.run(
       schedule, state, lambda s, _: step_fn(s), evaluate, workdir,
       config_json=config.to_json_best_effort(indent=2),

@@ -49,9 +49,11 @@ class ConfigMismatchError(ValueError):
 # resume, except fields the checkpoint's config lacks (added by a later version of the library).
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "checkpoint_every", "max_to_keep",
                               "save_images", "label", "data_dir", "time_budget_s", "workdir",
-                              "test_limit"})
+                              "test_limit", "extend_budget"})
 # The condensed set is part of the checkpointed state: its file may move.
 RESUMABLE_PATHS = frozenset({"condensed.path"})
+# Run lengths: a resume may grow them when asked to (`Schedule.extend`, `--extend_budget`).
+BUDGET_FIELDS = frozenset({"num_iters", "num_steps", "num_epochs"})
 
 
 def _flatten(tree, prefix=""):
@@ -63,12 +65,14 @@ def _flatten(tree, prefix=""):
   return {prefix[:-1]: tree}
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """`key: saved -> current` for every field that differs, except `RESUMABLE_FIELDS`."""
+def config_differences(saved: dict, current: dict, ignore=frozenset()) -> list[str]:
+  """`key: saved -> current` for every field that differs, except `RESUMABLE_FIELDS` and the
+  field names in `ignore`."""
   a, b = _flatten(saved), _flatten(current)
   out = []
   for key in sorted(set(a) | set(b)):
-    if key.rsplit(".", 1)[-1] in RESUMABLE_FIELDS or key in RESUMABLE_PATHS:
+    name = key.rsplit(".", 1)[-1]
+    if name in RESUMABLE_FIELDS or name in ignore or key in RESUMABLE_PATHS:
       continue
     if key not in a:  # a field added by a later version of the library: its default is used
       continue
@@ -149,6 +153,9 @@ class Schedule:
   # > 0: stop after this many seconds of training (compilation included, evaluation
   # excluded), evaluate and finish; a sync per step, so only for benchmarks.
   time_budget_s: float = 0.0
+  # Resuming may grow the run's length (`BUDGET_FIELDS` of its config): the learning-rate
+  # schedules then end at the new length from the resumed step on. Off: any change is refused.
+  extend: bool = False
 
 
 @dataclasses.dataclass
@@ -176,6 +183,11 @@ class Result:
         "eval_clock_seconds": h["eval_clock"], "clock_seconds": h.get("clock_seconds"),
         "stopped_by_time_budget": self.stopped_by_time_budget,
         "compile_seconds": self.compile_seconds, "peak_bytes": peak,
+        # every launch that trained (a resumed run has several): its steps, compilation and
+        # training seconds; train_seconds above is their sum, compilation included
+        "launches": h.get("launches", []),
+        "compile_seconds_total": round(sum(x["compile_seconds"] for x in h.get("launches", [])),
+                                       3),
         "numerics": numerics_lib.current().to_dict(),
     }
 
@@ -225,20 +237,44 @@ def _restore(ckpt, target):
             "resuming from the previous checkpoint.", flush=True)
 
 
-def _check_resume(ckpt, meta: dict, teacher_sha256, current_config: dict, workdir: str) -> None:
-  """Before any array is read: the checkpoint's teacher and config must be this run's."""
+def _budget_changes(saved: dict, current: dict) -> dict:
+  """{dotted key: (saved, current)} for the run-length fields that differ."""
+  a, b = _flatten(saved), _flatten(current)
+  return {k: (a[k], b[k]) for k in sorted(set(a) & set(b))
+          if k.rsplit(".", 1)[-1] in BUDGET_FIELDS and a[k] != b[k]}
+
+
+def _check_resume(ckpt, meta: dict, teacher_sha256, current_config: dict, workdir: str,
+                  extend: bool = False) -> None:
+  """Before any array is read: the checkpoint's teacher and config must be this run's (with
+  `extend`, up to longer run lengths)."""
   saved = meta.get("teacher_sha256")
   if teacher_sha256 and saved and saved != teacher_sha256:
     raise checkpointing.CheckpointError(
         f"The checkpoint in {ckpt.directory} was trained from the teacher with sha256 "
         f"{saved[:12]}…, but config.teacher.workdir now holds {teacher_sha256[:12]}…. Point "
         "config.teacher.workdir at the original teacher, or use a new --workdir.")
-  diffs = config_differences(meta.get("run_config") or current_config, current_config)
+  saved_config = meta.get("run_config") or current_config
+  budget = _budget_changes(saved_config, current_config)
+  diffs = config_differences(saved_config, current_config, BUDGET_FIELDS if extend else ())
   if diffs:
+    only_budget = budget and len(diffs) == len(budget)
     raise ConfigMismatchError(
         f"{workdir} holds a run with another config; resuming it with this one would mix two "
         f"runs. Differences (checkpoint -> now): {'; '.join(diffs)}. Resume with the run's own "
-        f"settings ({os.path.join(workdir, 'config.json')}) or use a new --workdir.")
+        f"settings ({os.path.join(workdir, 'config.json')}) or use a new --workdir" + (
+            "; to continue this run for longer, add --extend_budget (the learning-rate "
+            "schedules are then re-sized from the resumed step on)." if only_budget else "."))
+  shrunk = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in budget.items()
+            if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > a)]
+  if shrunk:
+    raise ConfigMismatchError(
+        f"--extend_budget only lengthens a run; {workdir} would get shorter or change kind "
+        f"({'; '.join(shrunk)}). Use the run's own length or a new --workdir.")
+  if budget:
+    print("Extending the run: " + "; ".join(f"{k} {a} -> {b}" for k, (a, b) in budget.items())
+          + ". Its learning-rate schedules now end at the new length (so it differs from a "
+          "run started at that length).", flush=True)
 
 
 def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, teacher_sha256,
@@ -250,7 +286,8 @@ def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, tea
   current_config = json.loads(config_json)
   if ckpt.latest_step() is not None:
     try:
-      _check_resume(ckpt, ckpt.read_meta(), teacher_sha256, current_config, workdir)
+      _check_resume(ckpt, ckpt.read_meta(), teacher_sha256, current_config, workdir,
+                    extend=schedule.extend)
       restored, meta = _restore(ckpt, state.replace(teacher=None))
     except Exception:
       ckpt.close()
@@ -305,7 +342,17 @@ def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, tea
           "a resumed run keeps its settings.")
 
   s = schedule
-  it = int(state.step)
+  it = start_step = int(state.step)
+  train_before, earlier_launches = history["train_seconds"], list(history.get("launches", []))
+
+  def record_launch(at_step):
+    """This launch's entry in history["launches"] (kept current at each checkpoint, so a
+    killed launch still counts the seconds its last checkpoint holds)."""
+    history["launches"] = earlier_launches + [{
+        "from_step": start_step, "to_step": at_step,
+        "compile_seconds": round(t_compile or 0.0, 3),
+        "train_seconds": round(history["train_seconds"] - train_before, 3)}]
+
   finite = jnp.array(True)
   t_compile = None
   t_start = time.perf_counter()
@@ -342,6 +389,7 @@ def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, tea
         history["train_seconds"] += time.perf_counter() - t_start
         t_start = time.perf_counter()
         history["clock_seconds"] = train_clock()
+        record_launch(it)
         save(it)
       clock["excluded"] += time.perf_counter() - t_side
       if stopped_early:
@@ -356,6 +404,7 @@ def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, tea
       rate = logger.rate(it)   # finished run keeps those of the launch that trained
       history["compile_seconds"] = t_compile
       history["steps_per_second"] = rate if rate == rate else None
+      record_launch(it)
     if ckpt.latest_step() != it:
       save(it)
   finally:

@@ -175,7 +175,8 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                test_labels, teacher=state.teacher)
 
   schedule = loop_lib.Schedule(config.method, total_steps, config.log_every, eval_every,
-                               config.checkpoint_every, config.max_to_keep)
+                               config.checkpoint_every, config.max_to_keep,
+                               extend=bool(config.get("extend_budget", False)))
   out = loop_lib.run(schedule, state, step_fn, evaluate, workdir,
                      config_json=config.to_json_best_effort(indent=2),
                      teacher_sha256=teacher_meta["sha256"] if teacher_meta else None)

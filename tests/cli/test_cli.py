@@ -193,3 +193,21 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
   blocker.write_text("")
   proc = _run_in(str(tmp_path), f"--config={TINY_TEACHER}", f"--workdir={blocker / 'run'}")
   _one_line_error(proc, "a_file")
+
+
+@pytest.mark.slow
+def test_a_longer_resume_needs_extend_budget(tiny_teacher, tmp_path):
+  """Resuming a finished 8-step run at 12 steps: refused in one line that names
+  --extend_budget; with the flag it trains the 4 further steps."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_teacher[0], workdir)
+  args = (f"--config={TINY_TEACHER}", "--config.num_steps=12", f"--workdir={workdir}")
+  refused = helpers.run_cli(MAIN, *args)
+  _one_line_error(refused, "num_steps: 8 -> 12", "--extend_budget")
+  proc = helpers.run_cli(MAIN, *args, "--extend_budget")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "Extending the run: num_steps 8 -> 12" in proc.stdout
+  summary = json.load(open(workdir / "summary.json"))
+  assert summary["steps"] == 12
+  assert [(x["from_step"], x["to_step"]) for x in summary["launches"]] == [(0, 8), (8, 12)]

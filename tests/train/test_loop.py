@@ -30,7 +30,7 @@ def _step(state, scale):
 
 
 def _run(workdir, num_steps, teacher_value=3.0, sha="a" * 64, scale=1.0, config=None,
-         width=4):
+         width=4, extend=False):
   chex.clear_trace_counter()  # each run builds its own step, as the real modes do
   jitted = loop.jit_step(_step)
   state = _State(step=jnp.int32(0), w=jnp.zeros(width), teacher=jnp.full((5,), teacher_value))
@@ -40,7 +40,8 @@ def _run(workdir, num_steps, teacher_value=3.0, sha="a" * 64, scale=1.0, config=
     seen_teacher.append(float(s.teacher[0]))
     return {"accuracy": float(s.w[0])}
 
-  schedule = loop.Schedule("toy", num_steps, log_every=2, eval_every=2, checkpoint_every=2)
+  schedule = loop.Schedule("toy", num_steps, log_every=2, eval_every=2, checkpoint_every=2,
+                           extend=extend)
   out = loop.run(schedule, state, lambda s, it: jitted(s, jnp.float32(scale)), evaluate,
                  str(workdir), config_json=json.dumps(config or {"toy": True}),
                  teacher_sha256=sha)
@@ -164,3 +165,41 @@ def test_a_config_that_changes_the_state_is_refused_before_any_array_is_read(tmp
     _run(tmp_path, 6, config={"width": 8}, width=8)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
   assert not os.path.exists(tmp_path / "checkpoints.damaged")
+
+
+def test_a_longer_run_resumes_only_when_extension_is_asked_for(tmp_path, capsys):
+  """A grown run length is refused with a hint at --extend_budget; with it the run continues
+  from its checkpoint; a shorter length is refused even then, as is any other change."""
+  cfg = lambda n, seed=0: {"seed": seed, "distill": {"num_iters": n}}
+  _run(tmp_path, 4, config=cfg(4))
+  with pytest.raises(loop.ConfigMismatchError, match=r"num_iters: 4 -> 6.*--extend_budget"):
+    _run(tmp_path, 6, config=cfg(6))
+  with pytest.raises(loop.ConfigMismatchError, match=r"seed: 0 -> 1"):
+    _run(tmp_path, 6, config=cfg(6, seed=1), extend=True)  # extension allows lengths only
+  out, _ = _run(tmp_path, 6, config=cfg(6), extend=True)
+  assert out.steps == 6 and float(out.state.w[0]) == 6.0  # 4 restored steps + 2 new ones
+  assert "Extending the run: distill.num_iters 4 -> 6" in capsys.readouterr().out
+  assert [(x["from_step"], x["to_step"]) for x in out.history["launches"]] == [(0, 4), (4, 6)]
+  with pytest.raises(loop.ConfigMismatchError, match=r"only lengthens.*num_iters: 6 -> 5"):
+    _run(tmp_path, 5, config=cfg(5), extend=True)
+  again, _ = _run(tmp_path, 6, config=cfg(6))  # the extended length is now the run's own
+  assert again.steps == 6
+
+
+def test_each_launch_is_accounted_and_the_seconds_add_up(tmp_path):
+  """train_seconds is the sum of every training launch's seconds (compilation included), each
+  launch listed with its steps and compile time; a re-run of a finished run adds none."""
+  _run(tmp_path, 4)
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(tmp_path, "checkpoints", "4"))  # killed after step 2's checkpoint
+  out, _ = _run(tmp_path, 4)
+  launches = out.history["launches"]
+  assert [(x["from_step"], x["to_step"]) for x in launches] == [(0, 2), (2, 4)]
+  assert all(x["compile_seconds"] > 0 for x in launches)
+  assert sum(x["train_seconds"] for x in launches) == pytest.approx(
+      out.history["train_seconds"], abs=0.01)
+  summary = out.common_summary()
+  assert summary["compile_seconds_total"] == pytest.approx(
+      sum(x["compile_seconds"] for x in launches), abs=1e-3)
+  again, _ = _run(tmp_path, 4)
+  assert again.history["launches"] == launches

@@ -16,6 +16,7 @@ import time
 
 from dfkd_jax import cli
 from dfkd_jax import methods
+from dfkd_jax.io import files
 from dfkd_jax.io import report
 
 # Every data-free method, in the registry's order (the best measured first).
@@ -83,8 +84,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   table = results_table(rows)
-  with open(os.path.join(args.workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(table + "\n")
+  files.write_atomic(os.path.join(args.workdir, "results.md"), table + "\n")
   print(f"\nResults (Fashion-MNIST, {rows[0][1].get('model', 'teacher')} teacher; "
         f"total {time.time() - t0:.0f} s; run folders in {args.workdir}):\n")
   print(table)

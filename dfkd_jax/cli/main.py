@@ -251,8 +251,19 @@ def _main(argv):
     # traceback. Other OS and floating-point errors are internal: traceback.
     if os.environ.get("DFKD_DEBUG") or not _user_error(e):
       raise
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    print(f"error: {_one_line(e)}{_out_of_memory_hint(e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _out_of_memory_hint(e: BaseException) -> str:
+  """What to change when XLA could not allocate (a batch too large for the device)."""
+  text = str(e)
+  if "RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text:
+    return ""
+  return (" The run needs more memory than the device has: lower the batch size "
+          "(--config.batch_size, --config.distill.batch_size), the model widths (e.g. "
+          "--config.generator.ngf), or spread the batch over more devices; a killed run resumes "
+          "from its last checkpoint.")
 
 
 def _parse_flags(argv):

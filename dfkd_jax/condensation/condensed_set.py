@@ -24,6 +24,7 @@ import zipfile
 
 import numpy as np
 
+from dfkd_jax.io import files
 from dfkd_jax.data import datasets
 
 _KEYS = ("images", "labels", "meta")
@@ -57,14 +58,8 @@ def save_condensed(path: str, images, labels, meta: dict) -> None:
   meta_json = json.dumps(meta, sort_keys=True)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, images=images, labels=labels.astype(np.int32), meta=np.asarray(meta_json))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with files.atomic_open(path, "wb") as f:
+    np.savez(f, images=images, labels=labels.astype(np.int32), meta=np.asarray(meta_json))
 
 
 def _check_arrays(images: np.ndarray, labels: np.ndarray, path: str) -> None:

@@ -9,6 +9,8 @@ from typing import Mapping
 
 import numpy as np
 
+from dfkd_jax.io import files
+
 
 def _scalar(v):
   v = np.asarray(v)
@@ -108,10 +110,7 @@ def truncate_log(path: str, step: int) -> None:
     if isinstance(record, dict) and record.get("step", 0) <= step:
       kept.append(line if line.endswith("\n") else line + "\n")
   if kept != lines:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    files.write_atomic(path, "".join(kept))
 
 
 def format_seconds(s: float) -> str:

@@ -15,6 +15,7 @@ from flax import serialization
 import jax
 import numpy as np
 
+from dfkd_jax.io import files
 from dfkd_jax import models as models_lib
 from dfkd_jax import numerics as numerics_lib
 from dfkd_jax import state as state_lib
@@ -39,10 +40,7 @@ def export_model(workdir: str, *, model_name: str, num_classes: int, input_shape
           "num_params": state_lib.num_params(params),
           "numerics": numerics_lib.current().to_dict(), **(extra or {})}
   for name, data in ((WEIGHTS, blob), (META, json.dumps(meta, indent=2).encode())):
-    tmp = os.path.join(workdir, name + ".tmp")
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, os.path.join(workdir, name))
+    files.write_atomic(os.path.join(workdir, name), data)
   return digest
 
 

@@ -58,7 +58,7 @@ def column_sums(a: jax.Array) -> jax.Array:
 
 
 def _moments(x):
-  n = x.size // x.shape[-1]
+  n = float(x.size // x.shape[-1])  # a float: a count past int32 would not trace
   mean = column_sums(x) / n
   var = jnp.maximum(0.0, column_sums(x * x) / n - mean * mean)
   return mean, var
@@ -84,7 +84,7 @@ def _bn_fwd(x, scale, bias, epsilon):
 def _bn_bwd(epsilon, res, cotangents):
   x, mean, var, scale = res
   dy, dmean, dvar = cotangents
-  n = x.size // x.shape[-1]
+  n = float(x.size // x.shape[-1])  # a float: a count past int32 would not trace
   rstd = lax.rsqrt(var + epsilon)
   centred = x - mean
   xhat = centred * rstd

@@ -85,7 +85,7 @@ def input_moments(x: jax.Array, feature_axis: int | Sequence[int] = -1
   features = _feature_axes(feature_axis, x.ndim)
   if features == (x.ndim - 1,) and numerics_lib.current().batch_norm == "auto":
     # Column sums as matrix products on CPU (see dfkd_jax.models.norm); the same two-pass moments.
-    n = x.size // x.shape[-1]
+    n = float(x.size // x.shape[-1])  # a float: a count past int32 would not trace
     mean = norm_lib.column_sums(x) / n
     return mean, norm_lib.column_sums(jnp.square(x - mean)) / n
   reduce_axes = tuple(a for a in range(x.ndim) if a not in features)

@@ -9,7 +9,6 @@ only to report accuracy, never to choose a checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Callable, NamedTuple
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dfkd_jax.io import files
 from dfkd_jax.condensation import condensed_set as condensed_lib
 from dfkd_jax.train import evaluation
 from dfkd_jax.train import loop as loop_lib
@@ -255,8 +255,7 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "teacher_sha256": teacher_meta["sha256"] if teacher_meta else None,
       "teacher_accuracy": teacher_meta.get("test_accuracy") if teacher_meta else None,
   }
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  files.write_json(os.path.join(workdir, "summary.json"), summary)
   if history["accuracy"]:
     viz.plot_curves(os.path.join(workdir, "accuracy.png"),
                     {config.method: (history["eval_steps"], history["accuracy"])},

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfkd_jax.io import files
 from dfkd_jax.io import checkpointing
 from dfkd_jax import compile as compile_lib
 from dfkd_jax.io import logging_utils
@@ -295,8 +296,7 @@ def _run_locked(schedule, state, step_fn, evaluate, workdir, *, config_json, tea
     history = {**history, **meta}
     state = restored.replace(teacher=teacher)
     print(f"Resumed from step {int(state.step)} ({workdir}/checkpoints).", flush=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config_json)
+  files.write_atomic(os.path.join(workdir, "config.json"), config_json)
   history["teacher_sha256"] = teacher_sha256
   history["run_config"] = current_config
   logger = logging_utils.RunLogger(workdir, schedule.num_steps, name=schedule.name,

@@ -11,7 +11,6 @@ device and sharded over the mesh's `data` axis.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import chex
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dfkd_jax.io import files
 from dfkd_jax.ops import augment as augment_lib
 from dfkd_jax.condensation import condensed_set as condensed_lib
 from dfkd_jax.train import evaluation
@@ -201,8 +201,7 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
       workdir, model_name=name, num_classes=info.num_classes, input_shape=x_train.shape[1:],
       dataset=config.dataset, params=state.model.params, batch_stats=state.model.batch_stats,
       extra={"test_accuracy": final["accuracy"], "method": config.method})
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  files.write_json(os.path.join(workdir, "summary.json"), summary)
   print(f"[{config.method}] {name} on {config.dataset}: test accuracy {final['accuracy']:.2f}% "
         f"after {step} steps ({summary['train_seconds']:.0f} s).", flush=True)
   return summary

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -211,3 +212,48 @@ def test_a_longer_resume_needs_extend_budget(tiny_teacher, tmp_path):
   summary = json.load(open(workdir / "summary.json"))
   assert summary["steps"] == 12
   assert [(x["from_step"], x["to_step"]) for x in summary["launches"]] == [(0, 8), (8, 12)]
+
+
+@pytest.mark.slow
+def test_a_batch_too_large_for_memory_is_one_line_with_what_to_lower(tiny_teacher, tmp_path):
+  """4 million synthetic images per batch: XLA cannot allocate the step (1.3 TB); the error
+  says so on one line and names the batch-size fields (no int32 overflow on the way)."""
+  config = (os.path.join(helpers.REPO_ROOT, helpers.TEACHER_CONFIG)
+            + f":method=dafl,tiny,teacher_workdir={tiny_teacher[0]}")
+  proc = helpers.run_cli(MAIN, f"--config={config}", "--config.distill.batch_size=4000000",
+                         f"--workdir={tmp_path / 'run'}")
+  _one_line_error(proc, "Out of memory", "lower the batch size", "--config.distill.batch_size")
+
+
+_DISK_FULL_AT_SUMMARY = """
+import errno, sys
+from dfkd_jax.io import files
+real = files.write_json
+def full(path, obj, indent=2):
+  if path.endswith("summary.json"):
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+  return real(path, obj, indent)
+files.write_json = full
+from dfkd_jax.cli import main
+main.run()
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_end_of_a_run_is_one_line_and_the_rerun_finishes(tmp_path):
+  """ENOSPC while writing summary.json (the run's last file): one line naming the file and
+  the cause, exit 2, no partial or temporary file; the same command again resumes the finished
+  run from its last checkpoint and writes the summary (no training repeated)."""
+  workdir = tmp_path / "run"
+  args = (f"--config={TINY_TEACHER}", f"--workdir={workdir}")
+  proc = subprocess.run([sys.executable, "-c", _DISK_FULL_AT_SUMMARY, *args],
+                        cwd=helpers.REPO_ROOT, env=helpers.cli_env(), capture_output=True,
+                        text=True, timeout=300, check=False)
+  _one_line_error(proc, "No space left on device", "summary.json")
+  assert not (workdir / "summary.json").exists()
+  assert not [f for f in os.listdir(workdir) if ".tmp" in f]
+  again = helpers.run_cli(MAIN, *args)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "Resumed from step 8" in again.stdout
+  summary = json.load(open(workdir / "summary.json"))
+  assert summary["steps"] == 8 and len(summary["launches"]) == 1

@@ -75,15 +75,26 @@ _BY_NAME = {
         "checkpoint_every", "max_to_keep", "ngf", "num_epochs", "pool_size", "slots", "slot_size",
         "memory_batch", "vae_input", "vae_latent_dim", "vae_ngf", "iterations", "k", "g_steps",
         "g_loops", "g_life", "push_every", "emb_size", "d_hidden", "lr", "lr_g", "lr_z", "z_lr",
-        "d_lr", "kd_temperature", "adv_temperature", "temperature", "bn_eps", "vae_bn_eps")},
+        "d_lr", "kd_temperature", "adv_temperature", "temperature", "bn_eps", "vae_bn_eps",
+        "label_emb_size")},
     **{k: _NON_NEGATIVE for k in (
         "num_steps", "eval_every", "train_limit", "test_limit", "num_devices", "pad_to",
         "time_budget_s", "weight_decay", "grad_clip", "warmup", "vae_steps", "student_chunk",
         "synth_chunk", "student_jitter", "synth_jitter", "jitter", "oh", "ie", "act", "adv", "bn",
         "tv", "l2", "ce", "at_beta", "kl_weight", "lambda_fa", "weight", "first_bn_scale")},
-    **{k: _UNIT for k in ("momentum", "b1", "b2", "student_ema", "bn_momentum")},
+    **{k: _UNIT for k in ("momentum", "b1", "b2", "d_b1", "d_b2", "student_ema", "bn_momentum")},
+    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 _BY_PATH = {"distill.eval_every": _POSITIVE, "condensed.batch": _POSITIVE}
+
+
+# Numeric fields any value of which is valid (seeds, signed offsets).
+UNCONSTRAINED = frozenset({"seed"})
+
+
+def range_rule(path: str):
+  """`(test, what the value must be)` for the dotted field `path`, or None (any value)."""
+  return _BY_PATH.get(path) or _BY_NAME.get(path.rsplit(".", 1)[-1])
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -97,7 +108,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if isinstance(value, ml_collections.ConfigDict):
         walk(value, path + ".")
         continue
-      rule = _BY_PATH.get(path) or _BY_NAME.get(key)
+      rule = range_rule(path)
       if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         continue
       test, must = rule

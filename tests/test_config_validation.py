@@ -1,9 +1,12 @@
 """Every config field's range is checked once, up front (`config_blocks.validate`, called by
 `train.train_and_evaluate` before anything is written); booleans must be booleans."""
+import copy
 import importlib.util
 import os
+import re
 import subprocess
 
+import ml_collections
 import pytest
 
 import helpers
@@ -120,3 +123,46 @@ def test_command_line_range_error_is_one_line_and_writes_nothing(tmp_path):
   lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
   assert len(lines) == 1 and "num_epochs=0 (must be > 0)" in lines[0], proc.stderr
   assert not workdir.exists()
+
+
+def _numeric_fields(config, prefix=""):
+  for key, value in config.items():
+    path = prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _numeric_fields(value, path + ".")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield path, value
+
+
+def _violations(must):
+  """Values that break a rule, by what the rule says (NaN breaks every rule)."""
+  return {"> 0": [0, -1, -1e9], ">= 0": [-1, -1e-9], "in [0, 1)": [1.0, -0.1, 7.0],
+          "in [0, 1]": [1.5, -0.1]}[must] + [float("nan")]
+
+
+@pytest.mark.parametrize("method", helpers.ALL_METHODS)
+def test_every_numeric_field_of_every_method_is_range_checked(method):
+  """Fuzz over the whole config: every numeric field (at the full and the tiny budget) has a
+  range rule (or is listed as unconstrained), and each out-of-range value of each field (zero,
+  negative, huge negative, NaN, 1 for a fraction) is rejected by name; the shipped value passes.
+  A new config field without a rule fails here."""
+  for extra in ("", ",tiny"):
+    config = _config_module("fashion_mnist_lenet5.py").get_config(f"method={method}{extra}")
+    config_blocks.validate(config)
+    for path, value in _numeric_fields(config):
+      if path.rsplit(".", 1)[-1] in config_blocks.UNCONSTRAINED:
+        continue
+      rule = config_blocks.range_rule(path)
+      assert rule is not None, f"{path} (= {value!r}) has no range rule in config_blocks"
+      _, must = rule
+      for bad in _violations(must):
+        broken = copy.deepcopy(config)
+        node = broken
+        *parents, leaf = path.split(".")
+        for p in parents:
+          node = node[p]
+        if isinstance(value, int) and not (bad == bad and bad == int(bad)):
+          continue  # an int field cannot hold NaN or a fraction
+        node[leaf] = type(value)(bad)
+        with pytest.raises(ValueError, match=re.escape(f"{path}={node[leaf]!r} (must be")):
+          config_blocks.validate(broken)

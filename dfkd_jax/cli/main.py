@@ -186,7 +186,11 @@ def evaluate(model_dir: str, teacher_dir: str | None = None, dataset: str | None
   dataset = dataset or meta.get("dataset")
   if not dataset:
     raise ValueError(f"{model_dir}/{model_io.META} names no dataset: pass --dataset.")
-  info = datasets.get_info(dataset)
+  # The model's own input normalisation (model.json), whatever the dataset: it is what the
+  # model was trained on. Older model.json files have none: the dataset's is used.
+  norm = meta.get("normalization") or {}
+  info = datasets.get_info(dataset, norm.get("mean"), norm.get("std"))
+  data_dir = data_dir or meta.get("data_dir") or None
   if meta["num_classes"] != info.num_classes or meta["input_shape"][-1] != info.channels:
     raise ValueError(f"The model at {model_dir!r} ({meta['num_classes']} classes, "
                      f"{meta['input_shape'][-1]} channels) does not fit {dataset!r} "
@@ -201,8 +205,9 @@ def evaluate(model_dir: str, teacher_dir: str | None = None, dataset: str | None
                        f"model {tuple(meta['input_shape'])}.")
   size = meta["input_shape"][0]
   split = split or info.test_split
-  x, y = datasets.load_split(dataset, split, data_dir or None,
-                             size if size != info.image_size else None, limit=limit or None)
+  x, y = datasets.load_split(dataset, split, data_dir,
+                             size if size != info.image_size else None, limit=limit or None,
+                             info=info)
   ev = evaluation.evaluate(model.apply_fn, model.variables, jnp.asarray(x), jnp.asarray(y),
                            teacher=teacher)
   return {"accuracy": ev["accuracy"], "agreement": ev.get("agreement"),

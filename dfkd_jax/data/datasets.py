@@ -58,11 +58,198 @@ DEBIAN_HINT = {
 }
 
 
-def get_info(name: str) -> DatasetInfo:
-  """Returns the `DatasetInfo` of `name`, or raises a ValueError listing the valid names."""
-  if name not in DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}. Valid datasets: {', '.join(sorted(DATASETS))}.")
-  return DATASETS[name]
+NPZ_PREFIX = "npz:"
+NPZ_SPLITS = ("train", "test")
+
+
+def get_info(name: str, mean=None, std=None) -> DatasetInfo:
+  """Returns the `DatasetInfo` of `name`, or raises a ValueError listing the valid names.
+
+  `name` is a built-in TFDS name (`DATASETS`) or `"npz:/path/file.npz"` (see `npz_info`).
+  `mean`/`std` (per channel, [0, 1] units) replace the normalisation when given (a data-free
+  run takes its teacher's).
+  """
+  if name.startswith(NPZ_PREFIX):
+    info = npz_info(name[len(NPZ_PREFIX):], mean, std)
+  elif name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}. Valid datasets: {', '.join(sorted(DATASETS))}, "
+                     "or 'npz:/path/file.npz' (arrays x_train, y_train, x_test, y_test).")
+  else:
+    info = DATASETS[name]
+    if mean is not None and std is not None:
+      info = dataclasses.replace(info, mean=tuple(mean), std=tuple(std))
+  return info
+
+
+def dataset_info(config, teacher_workdir: str | None = None) -> DatasetInfo:
+  """The `DatasetInfo` of `config.dataset` with the input normalisation a run must use:
+  `config.pixel_mean` / `config.pixel_std` when set, else the one recorded in the teacher's
+  model.json (`teacher_workdir`; the teacher was trained with it), else the dataset's own."""
+  mean = tuple(config.get("pixel_mean", ()) or ()) or None
+  std = tuple(config.get("pixel_std", ()) or ()) or None
+  if (mean is None or std is None) and teacher_workdir:
+    try:
+      with open(os.path.join(teacher_workdir, "model.json"), encoding="utf-8") as f:
+        norm = json.load(f).get("normalization") or {}
+      mean, std = norm.get("mean"), norm.get("std")
+    except (OSError, ValueError, AttributeError):
+      mean = std = None  # no readable model.json here: model_io reports that where it matters
+  return get_info(config.dataset, mean, std)
+
+
+def canonical_name(name: str) -> str:
+  """`name` as model.json keeps it: an npz dataset by its absolute path (so a model's folder
+  can be evaluated from any directory)."""
+  if name.startswith(NPZ_PREFIX):
+    return NPZ_PREFIX + os.path.abspath(os.path.expanduser(name[len(NPZ_PREFIX):]))
+  return name
+
+
+def normalization_record(info: DatasetInfo, pad_to: int | None, data_dir: str | None) -> dict:
+  """What model.json keeps so that evaluation needs nothing but the model's folder."""
+  return {"normalization": {"mean": list(info.mean), "std": list(info.std)},
+          "pad_to": int(pad_to or 0), "data_dir": data_dir or ""}
+
+
+# ---------------------------------------------------------------------------- npz datasets
+
+
+def _npz_file(path: str) -> str:
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Dataset file {path!r} does not exist (dataset='npz:<path>' names a "
+                            ".npz holding x_train, y_train, x_test, y_test).")
+  return path
+
+
+@functools.lru_cache(maxsize=4)
+def _npz_arrays(path: str, mtime: float, size: int) -> dict:
+  """The arrays of the .npz at `path` (read once per file version), checked."""
+  del mtime, size  # cache key only
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f"Dataset file {path!r} is not a readable .npz ({type(e).__name__}: {e}); "
+                     "write it with numpy.savez(path, x_train=..., y_train=..., x_test=..., "
+                     "y_test=...).") from e
+  present = [s for s in NPZ_SPLITS if f"x_{s}" in arrays or f"y_{s}" in arrays]
+  if "test" not in present:
+    raise ValueError(f"Dataset file {path!r} has no x_test/y_test (it holds "
+                     f"{', '.join(sorted(arrays)) or 'nothing'}): every run evaluates on them; "
+                     "data-free runs need only this pair.")
+  shapes = set()
+  for split in present:
+    for k in (f"x_{split}", f"y_{split}"):
+      if k not in arrays:
+        raise ValueError(f"Dataset file {path!r} has {'y' if k[0] == 'x' else 'x'}_{split} but "
+                         f"no {k}: give both arrays of a split.")
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    if x.ndim == 3:
+      x = arrays[f"x_{split}"] = x[..., None]  # grayscale [N, H, W]
+    if x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[3] not in (1, 3):
+      raise ValueError(f"Dataset file {path!r}: x_{split} has shape {x.shape}; images must be "
+                       "[N, H, W] or [N, H, W, C] with H == W and C 1 or 3 (pad or crop to a "
+                       "square first).")
+    if x.dtype == np.uint8:
+      pass
+    elif np.issubdtype(x.dtype, np.floating):
+      lo, hi = float(np.min(x)), float(np.max(x))
+      if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"Dataset file {path!r}: x_{split} is {x.dtype} with values in "
+                         f"[{lo:.3g}, {hi:.3g}]; float images must be raw pixels in [0, 1] (the "
+                         "library normalises them), or give uint8 in [0, 255].")
+    else:
+      raise ValueError(f"Dataset file {path!r}: x_{split} has dtype {x.dtype}; use uint8 "
+                       "[0, 255] or float [0, 1] pixels.")
+    if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f"Dataset file {path!r}: y_{split} must be integer labels of shape "
+                       f"[{x.shape[0]}] (one per image); it is {y.dtype} {y.shape}.")
+    if y.size and int(y.min()) < 0:
+      raise ValueError(f"Dataset file {path!r}: y_{split} has negative labels; labels are "
+                       "0 .. num_classes-1.")
+    shapes.add(x.shape[1:])
+  if len(shapes) > 1:
+    raise ValueError(f"Dataset file {path!r}: the splits' images differ in shape "
+                     f"({sorted(shapes)}).")
+  return arrays
+
+
+def _load_npz(path: str) -> dict:
+  path = _npz_file(path)
+  st = os.stat(path)
+  return _npz_arrays(path, st.st_mtime, st.st_size)
+
+
+def npz_info(path: str, mean=None, std=None) -> DatasetInfo:
+  """`DatasetInfo` of an .npz dataset: arrays x_train, y_train, x_test, y_test.
+
+  Images: uint8 [0, 255] or float [0, 1], shape [N, H, W] or [N, H, W, C] (square, C 1 or 3);
+  labels: integers [N]. The class count is the optional scalar array `num_classes`, else the
+  largest label + 1. The normalisation (per channel, [0, 1] units) is, in this order: `mean` /
+  `std` given here (a data-free run passes its teacher's), arrays `mean` and `std` in the file,
+  or computed from x_train (a test-only file needs one of the first two).
+  """
+  arrays = _load_npz(path)
+  x = arrays.get("x_train", arrays["x_test"])
+  labels = [arrays[k] for k in ("y_train", "y_test") if k in arrays]
+  num_classes = (int(arrays["num_classes"]) if "num_classes" in arrays
+                 else max(int(y.max()) for y in labels if y.size) + 1)
+  too_large = [k for k in ("y_train", "y_test") if k in arrays and arrays[k].size
+               and int(arrays[k].max()) >= num_classes]
+  if too_large:
+    raise ValueError(f"Dataset file {path!r}: {too_large[0]} has labels >= num_classes "
+                     f"({num_classes}).")
+  channels = x.shape[-1]
+  if mean is None or std is None:
+    if "mean" in arrays and "std" in arrays:
+      mean, std = arrays["mean"], arrays["std"]
+    elif "x_train" in arrays:
+      mean, std = _channel_stats(path, os.stat(_npz_file(path)).st_mtime)
+    else:
+      raise ValueError(
+          f"Dataset file {path!r} has no x_train to compute the input normalisation from: add "
+          "arrays 'mean' and 'std' (per channel, pixels in [0, 1]) to the file, or set "
+          "config.pixel_mean / config.pixel_std (a data-free run takes its teacher's from the "
+          "teacher's model.json).")
+  mean = tuple(float(v) for v in np.ravel(mean))
+  std = tuple(float(v) for v in np.ravel(std))
+  if len(mean) != channels or len(std) != channels or min(std) <= 0:
+    raise ValueError(f"Dataset file {path!r}: mean {mean} and std {std} must have one value per "
+                     f"channel ({channels}), std > 0.")
+  return DatasetInfo(NPZ_PREFIX + os.path.abspath(os.path.expanduser(path)), num_classes,
+                     channels, x.shape[1], mean, std)
+
+
+@functools.lru_cache(maxsize=4)
+def _channel_stats(path: str, mtime: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std of x_train in [0, 1] units (float64 sums; once per file)."""
+  del mtime
+  x = _load_npz(path)["x_train"]
+  scale = 255.0 if x.dtype == np.uint8 else 1.0
+  sums, squares = np.zeros(x.shape[-1]), np.zeros(x.shape[-1])
+  for start in range(0, x.shape[0], 4096):
+    chunk = x[start:start + 4096].astype(np.float64) / scale
+    sums += chunk.sum(axis=(0, 1, 2))
+    squares += np.square(chunk).sum(axis=(0, 1, 2))
+  n = x.shape[0] * x.shape[1] * x.shape[2]
+  mean = sums / n
+  std = np.sqrt(np.maximum(squares / n - mean * mean, 1e-12))
+  return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _read_npz_split(path: str, split: str, limit: int | None):
+  arrays = _load_npz(path)
+  if split not in NPZ_SPLITS:
+    raise ValueError(f"Dataset file {path!r}: no split {split!r}; an .npz dataset has "
+                     f"{' and '.join(NPZ_SPLITS)}.")
+  if f"x_{split}" not in arrays:
+    raise ValueError(f"Dataset file {path!r} has no x_{split}/y_{split}: a run on real data "
+                     f"(teacher, scratch, kd_real) needs the {split} pair.")
+  x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+  if limit:
+    x, y = x[:limit], y[:limit]
+  return x, y.astype(np.int32)
 
 
 def default_data_dir() -> str:
@@ -71,8 +258,10 @@ def default_data_dir() -> str:
 
 
 def normalize(images_uint8: np.ndarray, info: DatasetInfo) -> np.ndarray:
-  """uint8 NHWC in [0, 255] -> float32 (x/255 - mean) / std."""
-  x = images_uint8.astype(np.float32) / 255.0
+  """uint8 NHWC in [0, 255] (or float pixels in [0, 1]) -> float32 (x/255 - mean) / std."""
+  x = images_uint8.astype(np.float32)
+  if images_uint8.dtype == np.uint8:
+    x = x / 255.0
   return (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
 
 
@@ -182,23 +371,29 @@ def _cached_uint8(name: str, split: str, data_dir: str, limit: int | None = None
 
 
 def load_split(name: str, split: str, data_dir: str | None = None, pad_to: int | None = None,
-               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Loads a TFDS split into memory, normalised with the dataset's training constants.
+               limit: int | None = None,
+               info: DatasetInfo | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Loads a split into memory, normalised with the dataset's training constants.
 
   Args:
-    name: dataset name (see `DATASETS`).
+    name: dataset name (see `DATASETS`), or "npz:/path/file.npz" (split "train" or "test").
     split: TFDS split, e.g. "train", "test", "train[:1000]" is NOT supported; use `limit`.
     data_dir: TFDS data dir (default `default_data_dir()`).
     pad_to: optional square size to zero-pad to (e.g. 32 for 28x28 Fashion-MNIST and LeNet-5).
     limit: keep only the first `limit` examples (TFDS order, which is shuffled at build time).
 
+    info: the dataset's `DatasetInfo` (default `get_info(name)`); its mean/std normalise.
+
   Returns:
     (images float32 [N, H, W, C] normalised, labels int32 [N]).
   """
-  info = get_info(name)
-  # Decode only the first `limit` examples (decoding a whole split costs seconds).
-  images, labels = _cached_uint8(info.tfds_name, split, data_dir or default_data_dir(),
-                                 limit or None)
+  info = info or get_info(name)
+  if name.startswith(NPZ_PREFIX):
+    images, labels = _read_npz_split(name[len(NPZ_PREFIX):], split, limit or None)
+  else:
+    # Decode only the first `limit` examples (decoding a whole split costs seconds).
+    images, labels = _cached_uint8(info.tfds_name, split, data_dir or default_data_dir(),
+                                   limit or None)
   x = normalize(images, info)
   if pad_to:
     # Pad in normalised space with the value of a black pixel, so padding looks like background.

@@ -48,16 +48,11 @@ def synthesis_weights(cfg: ml_collections.ConfigDict) -> phases.SynthesisWeights
 
 def pixel_normalisation(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(mean, std) that map the generators' [0, 1] pixels to the teacher's input space:
-  `config.pixel_mean/pixel_std` when set, else the dataset's training normalisation."""
-  mean, std = tuple(config.get("pixel_mean", ()) or ()), tuple(config.get("pixel_std", ()) or ())
-  if mean and std:
-    return mean, std
-  if config.dataset in datasets.DATASETS:
-    info = datasets.get_info(config.dataset)
-    return tuple(info.mean), tuple(info.std)
-  raise ValueError(f"Dataset {config.dataset!r} has no known normalisation: set "
-                   "config.pixel_mean and config.pixel_std (the per-channel mean and std, in [0, 1] "
-                   "units, that the teacher's inputs were normalised with).")
+  `config.pixel_mean/pixel_std` when set, else the teacher's recorded normalisation, else the
+  dataset's training normalisation (`datasets.dataset_info`)."""
+  teacher = config.get("teacher")
+  info = datasets.dataset_info(config, teacher.get("workdir") if teacher else None)
+  return tuple(info.mean), tuple(info.std)
 
 
 def make_generator(ctx: Context) -> nn.Module:

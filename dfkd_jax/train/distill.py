@@ -40,7 +40,7 @@ def context(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_sh
   """Loads the teacher (unless given) and the condensed set; returns `(ctx, teacher_meta)`
   (`teacher_meta` is None for a given teacher). No dataset is loaded."""
   methods_lib.check_method(config.method)  # before reading the method's config blocks
-  info = datasets.get_info(config.dataset)
+  info = datasets.dataset_info(config, config.teacher.workdir if teacher is None else None)
   mesh = mesh or parallel.make_mesh(config.num_devices or None)
   parallel.check_divisible(config.distill.batch_size, mesh, "distill.batch_size")
   num_classes = num_classes or info.num_classes
@@ -195,11 +195,12 @@ def replay_bytes(state) -> int:
 
 def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Distils `config.student.model` from the teacher in `config.teacher.workdir` data-free."""
-  info = datasets.get_info(config.dataset)
+  info = datasets.dataset_info(config, config.teacher.workdir)
   ctx, step_fn, state, teacher_meta = assemble(config)
   mesh = ctx.mesh
   x_test, y_test = datasets.load_split(config.dataset, info.test_split, config.data_dir or None,
-                                       config.pad_to or None, limit=config.test_limit or None)
+                                       config.pad_to or None, limit=config.test_limit or None,
+                                       info=info)
   test_images = parallel.replicate(jnp.asarray(x_test), mesh)
   test_labels = parallel.replicate(jnp.asarray(y_test), mesh)
   d = config.distill
@@ -261,9 +262,12 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     {config.method: (history["eval_steps"], history["accuracy"])},
                     title=f"{config.method}: {config.teacher.model} -> {config.student.model}")
   model_io.export_model(workdir, model_name=config.student.model, num_classes=ctx.num_classes,
-                        input_shape=ctx.image_shape, dataset=config.dataset,
+                        input_shape=ctx.image_shape,
+                        dataset=datasets.canonical_name(config.dataset),
                         params=state.student.params, batch_stats=state.student.batch_stats,
-                        extra={"test_accuracy": stats["final"], "method": config.method})
+                        extra={"test_accuracy": stats["final"], "method": config.method,
+                               **datasets.normalization_record(info, config.pad_to,
+                                                               config.data_dir)})
   print(f"[{config.method}] final {stats['final']:.2f}%  mu {stats['mu']:.2f}  sigma2 "
         f"{stats['sigma2']:.2f}  (best, test-selected: {stats['best']:.2f})  "
         f"{history['train_seconds']:.0f} s", flush=True)

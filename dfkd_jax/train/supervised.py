@@ -109,14 +109,16 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains on the real train split and evaluates on the test split; returns the summary."""
   if config.method not in SUPERVISED_METHODS:
     raise ValueError(f"train_supervised handles {SUPERVISED_METHODS}, not {config.method!r}.")
-  info = datasets.get_info(config.dataset)
+  info = datasets.dataset_info(config, config.teacher.workdir if config.method in (
+      "kd_real", "kd_condensed") else None)
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_divisible(config.batch_size, mesh)
   data_dir = config.data_dir or None
   x_train, y_train = datasets.load_split(config.dataset, "train", data_dir, config.pad_to or None,
-                                         limit=config.train_limit or None)
+                                         limit=config.train_limit or None, info=info)
   x_test, y_test = datasets.load_split(config.dataset, info.test_split, data_dir,
-                                       config.pad_to or None, limit=config.test_limit or None)
+                                       config.pad_to or None, limit=config.test_limit or None,
+                                       info=info)
   if config.method == "kd_condensed":
     x_train, y_train, _ = condensed_lib.load_condensed(
         config.condensed.path, image_shape=x_test.shape[1:], num_classes=info.num_classes)
@@ -199,8 +201,10 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["teacher_sha256"] = teacher_meta["sha256"]
   summary["sha256"] = model_io.export_model(
       workdir, model_name=name, num_classes=info.num_classes, input_shape=x_train.shape[1:],
-      dataset=config.dataset, params=state.model.params, batch_stats=state.model.batch_stats,
-      extra={"test_accuracy": final["accuracy"], "method": config.method})
+      dataset=datasets.canonical_name(config.dataset),
+      params=state.model.params, batch_stats=state.model.batch_stats,
+      extra={"test_accuracy": final["accuracy"], "method": config.method,
+             **datasets.normalization_record(info, config.pad_to, config.data_dir)})
   files.write_json(os.path.join(workdir, "summary.json"), summary)
   print(f"[{config.method}] {name} on {config.dataset}: test accuracy {final['accuracy']:.2f}% "
         f"after {step} steps ({summary['train_seconds']:.0f} s).", flush=True)

@@ -3,7 +3,9 @@ r"""Compares finished runs: one markdown table and one accuracy plot from their 
   python -m dfkd_jax.io.report runs/demo/* [--out_md F] [--out_png F] [--title T]
 
 Runs are grouped by `summary["label"]` if present, else by `method` (plus `guidance` when it is
-set and not "none"); the runs of a group are the seeds of one setting. Each table row gives the
+set and not "none"), and within a label by their settings (config.json but the seed): the runs of
+a group are the seeds of one setting; runs of one label with other settings get rows of their
+own, named by the fields that differ. Each table row gives the
 final accuracy as mean ± std over seeds and the means of the other numbers. A folder given
 without a `summary.json` is skipped with a note, unless its sub-folders hold runs (so
 `python -m dfkd_jax.io.report runs/demo` works too).
@@ -85,11 +87,62 @@ def run_label(summary: dict) -> str:
   return str(method)
 
 
+# Fields that do not make two runs different settings (seeds are what a row averages over).
+_NOT_A_SETTING = frozenset({"seed", "label", "workdir", "data_dir", "log_every", "eval_every",
+                            "checkpoint_every", "max_to_keep", "save_images", "time_budget_s",
+                            "extend_budget"})
+
+
+def _setting(summary: dict) -> dict:
+  """The run's config (its folder's config.json, flattened) without seeds and bookkeeping; the
+  summary's models when there is no config.json."""
+  config = {}
+  path = os.path.join(summary.get(RUN_DIR, ""), "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = _flatten(json.load(f))
+  except (OSError, ValueError):
+    config = {k: summary[k] for k in ("model", "teacher", "student") if k in summary}
+  return {k: v for k, v in config.items() if k.rsplit(".", 1)[-1] not in _NOT_A_SETTING}
+
+
+def _flatten(tree, prefix=""):
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}{k}."))
+  return out
+
+
 def group_runs(runs: Sequence[dict]) -> dict[str, list[dict]]:
-  """{label: [summaries]} in order of first appearance (see `run_label`)."""
-  groups: dict[str, list[dict]] = {}
+  """{label: [summaries]} in order of first appearance (see `run_label`).
+
+  Runs that share a label but not their settings (config.json, seeds and bookkeeping aside)
+  are not seeds of one row: each setting gets its own row, labelled with the fields in which
+  the settings differ (e.g. `dafl [generator.kind=sigmoid]`).
+  """
+  by_label: dict[str, list[list]] = {}  # label -> [[setting, runs], ...]
   for summary in runs:
-    groups.setdefault(run_label(summary), []).append(summary)
+    setting = _setting(summary)
+    variants = by_label.setdefault(run_label(summary), [])
+    for variant in variants:
+      if variant[0] == setting:
+        variant[1].append(summary)
+        break
+    else:
+      variants.append([setting, [summary]])
+  groups: dict[str, list[dict]] = {}
+  for label, variants in by_label.items():
+    if len(variants) == 1:
+      groups[label] = variants[0][1]
+      continue
+    keys = sorted({k for a in variants for b in variants
+                   for k in set(a[0]) | set(b[0]) if a[0].get(k) != b[0].get(k)})
+    for setting, members in variants:
+      shown = ", ".join(f"{k}={setting.get(k, '-')}" for k in keys[:3])
+      more = f", +{len(keys) - 3} more" if len(keys) > 3 else ""
+      groups[f"{label} [{shown}{more}]"] = members
   return groups
 
 

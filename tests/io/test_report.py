@@ -178,3 +178,28 @@ def test_curve_band_on_the_images_axis_scales_each_run_and_skips_runs_without_it
   np.testing.assert_array_equal(mean, [10.0, 20.0])
   with pytest.raises(ValueError, match="Unknown x axis"):
     report.curve_band(runs, x="epochs")
+
+
+def test_runs_of_one_label_with_other_settings_are_not_seeds_of_one_row(tmp_path):
+  """Three DAFL variants and a run with another student share the label "dafl": four rows,
+  each named by what differs; seeds of one setting still share a row."""
+  def run(name, seed, **config):
+    folder = tmp_path / name
+    folder.mkdir()
+    base = {"seed": seed, "label": "dafl", "student": {"model": "lenet5_half_bn"},
+            "generator": {"kind": "default"}, "distill": {"log_every": 25}}
+    for key, value in config.items():
+      section, field = key.split("__")
+      base[section][field] = value
+    (folder / "config.json").write_text(json.dumps(base))
+    return {**_distill("dafl", seed), "label": "dafl", report.RUN_DIR: str(folder)}
+
+  runs = [run("a0", 0), run("a1", 1, distill__log_every=5),  # logging is not a setting
+          run("b0", 0, generator__kind="sigmoid"), run("b1", 1, generator__kind="sigmoid"),
+          run("c0", 0, student__model="resnet8")]
+  groups = report.group_runs(runs)
+  assert list(groups) == [
+      "dafl [generator.kind=default, student.model=lenet5_half_bn]",
+      "dafl [generator.kind=sigmoid, student.model=lenet5_half_bn]",
+      "dafl [generator.kind=default, student.model=resnet8]"]
+  assert [len(v) for v in groups.values()] == [2, 2, 1]

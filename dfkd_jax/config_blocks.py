@@ -1,8 +1,8 @@
 """Config building blocks shared by the config files and the method registry.
 
 `optimizer` and `loss_block` make the ConfigDict blocks every method's defaults start from; the
-config files in `configs/` (and a user's own config) import them from here (`configs/common.py`
-re-exports them).
+config files in `dfkd_jax/configs/` (and a user's own config) import them from here
+(`dfkd_jax.configs.common` re-exports them).
 """
 from __future__ import annotations
 

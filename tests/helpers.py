@@ -32,9 +32,10 @@ ALL_METHODS = SUPERVISED_METHODS + DATA_FREE_METHODS
 
 
 def config_files() -> list[str]:
-  """Every config file in configs/ (absolute paths) except the shared `common.py`."""
+  """Every config file in configs/ (absolute paths) except the shared `common.py` and the
+  package's `__init__.py`."""
   return sorted(p for p in glob.glob(os.path.join(CONFIGS_DIR, "*.py"))
-                if os.path.basename(p) != "common.py")
+                if os.path.basename(p) not in ("common.py", "__init__.py"))
 
 
 def _abs_config(spec: str) -> str:

@@ -21,12 +21,13 @@ from dfkd_jax.io import report
 
 # Every data-free method, in the registry's order (the best measured first).
 DEFAULT_METHODS = tuple(methods.METHODS)
-CONFIG = os.path.join(cli.REPO_ROOT, "configs", "fashion_mnist_lenet5.py")
+CONFIG = os.path.join(cli.CONFIGS_DIR, "fashion_mnist_lenet5.py")
 
 
 def load_config(path: str, arg: str):
   """Loads `get_config(arg)` from a config file path (as `--config=path:arg` does)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+  path = cli.resolve_config(path)  # a shipped config's bare name works too
   spec = importlib.util.spec_from_file_location("dfkd_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -58,7 +58,6 @@ _MODE_FLAGS = {"train": ("config", "workdir", "extend_budget"),
                "condense": ()}
 _OWN_FLAGS = ("mode", *(name for names in _MODE_FLAGS.values() for name in names))
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
-_REPO_ROOT = cli.REPO_ROOT
 
 
 class UsageError(ValueError):
@@ -66,15 +65,14 @@ class UsageError(ValueError):
 
 
 def config_files() -> list[tuple[str, str]]:
-  """(path, first docstring line) of every config file (`configs/*.py` but `common.py`).
-
-  Looks in the repository's `configs/` and in `./configs`; paths are shown relative to the
-  current directory when below it.
-  """
+  """(path, first docstring line) of every config file (the shipped ones, `dfkd_jax/configs`,
+  and `./configs/*.py`, but `common.py`); paths are shown relative to the current directory
+  when below it (a shipped config can also be named by its bare name)."""
   found = {}
-  for folder in (os.path.join(_REPO_ROOT, "configs"), os.path.abspath("configs")):
+  for folder in (cli.CONFIGS_DIR, os.path.abspath("configs")):
     for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
-      if os.path.basename(path) == "common.py" or path in found:
+      if (os.path.basename(path) in ("common.py", "__init__.py") or path in found
+          or os.path.realpath(path) in map(os.path.realpath, found)):
         continue
       try:
         with open(path, encoding="utf-8") as f:
@@ -96,8 +94,8 @@ def usage() -> str:
   lines += [f"  {name:<9} {text}" for name, text in MODES.items()]
   lines += ["", "Methods (method=<m>):", "  real data: " + ", ".join(methods.SUPERVISED_METHODS)]
   lines += [f"  {name:<13} {spec.summary}" for name, spec in methods.METHODS.items()]
-  lines += ["", "Config files (--config=<file>:method=<m>[,tiny]; any field can be overridden "
-            "with --config.<field>=<value>):"]
+  lines += ["", "Config files (--config=<file or shipped name>:method=<m>[,tiny]; any field "
+            "can be overridden with --config.<field>=<value>):"]
   configs = config_files()
   width = max([len(p) for p, _ in configs] + [0])
   lines += [f"  {p:<{width}}  {doc}" for p, doc in configs] or ["  (none found in ./configs)"]
@@ -307,6 +305,7 @@ def run():
   if any(a in _HELP_FLAGS for a in ours):
     print(usage())
     sys.exit(0)
+  sys.argv = [sys.argv[0], *cli.resolve_config_argv(sys.argv[1:])]
   app.run(_main, flags_parser=_parse_flags)
 
 

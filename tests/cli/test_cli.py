@@ -257,3 +257,46 @@ def test_a_full_disk_at_the_end_of_a_run_is_one_line_and_the_rerun_finishes(tmp_
   assert "Resumed from step 8" in again.stdout
   summary = json.load(open(workdir / "summary.json"))
   assert summary["steps"] == 8 and len(summary["launches"]) == 1
+
+
+def test_shipped_configs_resolve_by_bare_name_and_from_any_directory(tmp_path, monkeypatch):
+  from dfkd_jax import cli  # pylint: disable=g-import-not-at-top
+  shipped = os.path.join(cli.CONFIGS_DIR, "fashion_mnist_lenet5.py")
+  monkeypatch.chdir(tmp_path)  # no configs/ here
+  assert (cli.resolve_config("fashion_mnist_lenet5:method=dafl,tiny")
+          == shipped + ":method=dafl,tiny")
+  assert (cli.resolve_config("configs/fashion_mnist_lenet5.py:method=dafl")
+          == shipped + ":method=dafl")
+  assert cli.resolve_config("fashion_mnist_lenet5") == shipped
+  for unchanged in ("common", "nope:method=dafl", "other/dir/x.py:a=1"):
+    assert cli.resolve_config(unchanged) == unchanged
+  (tmp_path / "mine.py").write_text("def get_config(arg=None):\n  return None\n")
+  assert cli.resolve_config("mine.py:x") == "mine.py:x"  # an existing file is kept
+
+
+@pytest.mark.slow
+def test_a_bare_config_name_trains_from_another_directory(tmp_path):
+  proc = _run_in(str(tmp_path), "--config=fashion_mnist_lenet5:method=teacher,tiny",
+                 "--config.num_steps=2", f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 2
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_configs(tmp_path):
+  """`pip install` users get the config files (`dfkd_jax/configs/*.py`) in the wheel."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  source = tmp_path / "src"  # a copy: building writes build/ next to pyproject.toml
+  shutil.copytree(os.path.join(helpers.REPO_ROOT, "dfkd_jax"), source / "dfkd_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(helpers.REPO_ROOT, name), source / name)
+  proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                         "-q", "-w", str(tmp_path), str(source)], capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
+  names = zipfile.ZipFile(tmp_path / wheel).namelist()
+  for name in ("fashion_mnist_lenet5.py", "fashion_mnist_resnet20.py", "cifar.py", "common.py"):
+    assert f"dfkd_jax/configs/{name}" in names

@@ -10,11 +10,8 @@ accuracy in about 33 minutes on 2 CPU cores (benchmarks/RESULTS.md).
 
 Argument keys: method, teacher_workdir, tiny, epochs (teacher epochs).
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from dfkd_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -28,11 +28,8 @@ teacher_workdir, tiny (a few steps on a slice of the data, for tests and noteboo
 guidance (none|condensed|naive), condensed (.npz path), faithful (PRE-DFKD/MB-DFKD official-code
 quirks instead of the corrected defaults).
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from dfkd_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -18,11 +18,8 @@ Any other data-free method runs at its registry defaults, e.g. method=deepinvers
 Argument keys: method, dataset (cifar10|cifar100), pair (r34_r18|wrn40_2_wrn16_2), fast_k
 (2|5|10), teacher_workdir, tiny, seed, guidance, condensed, faithful.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from dfkd_jax.configs import common
 
 PAIRS = {"r34_r18": ("resnet34", "resnet18"), "wrn40_2_wrn16_2": ("wrn40_2", "wrn16_2")}
 # Fast-k settings of the official scripts: k -> (lr_g, lr_z); the meta rate is lr_g * k.

@@ -187,8 +187,8 @@ def evaluate(model_dir: str, teacher_dir: str | None = None, dataset: str | None
   # The model's own input normalisation (model.json), whatever the dataset: it is what the
   # model was trained on. Older model.json files have none: the dataset's is used.
   norm = meta.get("normalization") or {}
-  info = datasets.get_info(dataset, norm.get("mean"), norm.get("std"))
   data_dir = data_dir or meta.get("data_dir") or None
+  info = datasets.get_info(dataset, norm.get("mean"), norm.get("std"), data_dir)
   if meta["num_classes"] != info.num_classes or meta["input_shape"][-1] != info.channels:
     raise ValueError(f"The model at {model_dir!r} ({meta['num_classes']} classes, "
                      f"{meta['input_shape'][-1]} channels) does not fit {dataset!r} "

@@ -392,7 +392,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> None:
   from dfkd_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
-  info = datasets.get_info(args.dataset)
+  info = datasets.get_info(args.dataset, data_dir=args.data_dir)
   checks = [
       (args.ipc >= 1, f"--ipc must be >= 1, got {args.ipc}"),
       (args.k >= 1, f"--k must be >= 1, got {args.k}"),
@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> dict:
   from dfkd_jax.condensation import condensed_set as condensed
   from dfkd_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
-  info = datasets.get_info(args.dataset)
+  info = datasets.get_info(args.dataset, data_dir=args.data_dir)
   t_start = time.perf_counter()
   images, labels = datasets.load_split(args.dataset, "train", args.data_dir,
                                        pad_to=args.pad_to or None,

@@ -28,6 +28,8 @@ class DatasetInfo:
       normalisation).
     std: per-channel std, same units.
     test_split: name of the held-out split used for reporting.
+    image_key: the TFDS feature holding the image.
+    label_key: the TFDS feature holding the class label.
   """
   tfds_name: str
   num_classes: int
@@ -36,6 +38,8 @@ class DatasetInfo:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   test_split: str = "test"
+  image_key: str = "image"
+  label_key: str = "label"
 
 
 # CIFAR-100 uses the CIFAR-10 constants, as DAFL and PRE-DFKD do (docs/methods.md §0.3).
@@ -62,18 +66,25 @@ NPZ_PREFIX = "npz:"
 NPZ_SPLITS = ("train", "test")
 
 
-def get_info(name: str, mean=None, std=None) -> DatasetInfo:
+def get_info(name: str, mean=None, std=None, data_dir: str | None = None) -> DatasetInfo:
   """Returns the `DatasetInfo` of `name`, or raises a ValueError listing the valid names.
 
-  `name` is a built-in TFDS name (`DATASETS`) or `"npz:/path/file.npz"` (see `npz_info`).
-  `mean`/`std` (per channel, [0, 1] units) replace the normalisation when given (a data-free
-  run takes its teacher's).
+  `name` is a built-in TFDS name (`DATASETS`), `"npz:/path/file.npz"` (see `npz_info`), or any
+  other TFDS image-classification dataset prepared (array_record) in `data_dir` (see
+  `tfds_info`). `mean`/`std` (per channel, [0, 1] units) replace the normalisation when given
+  (a data-free run takes its teacher's).
   """
   if name.startswith(NPZ_PREFIX):
     info = npz_info(name[len(NPZ_PREFIX):], mean, std)
   elif name not in DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}. Valid datasets: {', '.join(sorted(DATASETS))}, "
-                     "or 'npz:/path/file.npz' (arrays x_train, y_train, x_test, y_test).")
+    folder = os.path.join(data_dir or default_data_dir(), name)
+    if not os.path.isdir(folder):
+      raise ValueError(
+          f"Unknown dataset {name!r}: not built in ({', '.join(sorted(DATASETS))}), not "
+          f"'npz:/path/file.npz' (arrays x_train, y_train, x_test, y_test), and not a TFDS "
+          f"dataset prepared in {data_dir or default_data_dir()!r} (build one with `tfds build "
+          f"{name} --file_format=array_record --data_dir <dir>` and set config.data_dir).")
+    info = tfds_info(name, data_dir or default_data_dir(), mean, std)
   else:
     info = DATASETS[name]
     if mean is not None and std is not None:
@@ -94,7 +105,7 @@ def dataset_info(config, teacher_workdir: str | None = None) -> DatasetInfo:
       mean, std = norm.get("mean"), norm.get("std")
     except (OSError, ValueError, AttributeError):
       mean = std = None  # no readable model.json here: model_io reports that where it matters
-  return get_info(config.dataset, mean, std)
+  return get_info(config.dataset, mean, std, config.get("data_dir") or None)
 
 
 def canonical_name(name: str) -> str:
@@ -109,6 +120,91 @@ def normalization_record(info: DatasetInfo, pad_to: int | None, data_dir: str | 
   """What model.json keeps so that evaluation needs nothing but the model's folder."""
   return {"normalization": {"mean": list(info.mean), "std": list(info.std)},
           "pad_to": int(pad_to or 0), "data_dir": data_dir or ""}
+
+
+# ------------------------------------------------------------------ other TFDS datasets
+
+
+def _tfds_features(name: str, data_dir: str) -> tuple[str, dict, dict]:
+  """(version folder, features.json, dataset_info.json) of the newest complete version."""
+  builder_dir = os.path.join(data_dir, name)
+  for version in sorted(os.listdir(builder_dir), reverse=True):
+    folder = os.path.join(builder_dir, version)
+    paths = [os.path.join(folder, f) for f in ("features.json", "dataset_info.json")]
+    if all(os.path.isfile(p) for p in paths):
+      try:
+        with open(paths[0], encoding="utf-8") as f, open(paths[1], encoding="utf-8") as g:
+          return folder, json.load(f), json.load(g)
+      except (OSError, ValueError) as e:
+        raise ValueError(f"Dataset {name!r}: {folder} has unreadable metadata ({e}); prepare "
+                         "it again.") from e
+  raise FileNotFoundError(f"Dataset {name!r} in {builder_dir!r} is incomplete: no version folder "
+                          "holds features.json and dataset_info.json; prepare it again.")
+
+
+def tfds_info(name: str, data_dir: str, mean=None, std=None) -> DatasetInfo:
+  """`DatasetInfo` of a TFDS image-classification dataset that is not built in, from its
+  prepared metadata: the image and label features (the supervised keys, else the one Image
+  and the one ClassLabel feature), shape (square, 1 or 3 channels) and class count; the test
+  split ("test", else "validation"/"val"); the normalisation computed from the "train" split
+  (once per process) unless `mean`/`std` are given."""
+  folder, features, meta = _tfds_features(name, data_dir)
+  feats = features.get("featuresDict", {}).get("features", {})
+  kind = {k: str(v.get("pythonClassName", "")).rsplit(".", 1)[-1] for k, v in feats.items()}
+  keys = [i.get("featureKey") for i in
+          (meta.get("supervisedKeys") or {}).get("tuple", {}).get("items", [])]
+  images = [k for k in keys if kind.get(k) == "Image"] or [k for k in feats if kind[k] == "Image"]
+  labels = ([k for k in keys if kind.get(k) == "ClassLabel"]
+            or [k for k in feats if kind[k] == "ClassLabel"])
+  if len(images) != 1 or len(labels) != 1:
+    raise ValueError(f"Dataset {name!r} is not an image classification dataset this library can "
+                     f"read: it needs one Image and one ClassLabel feature (features: "
+                     f"{', '.join(f'{k} ({v})' for k, v in kind.items())}).")
+  dims = feats[images[0]].get("image", {}).get("shape", {}).get("dimensions", [])
+  try:
+    h, w, c = (int(d) for d in dims)
+  except (TypeError, ValueError):
+    h = w = c = -1
+  if h <= 0 or h != w or c not in (1, 3):
+    raise ValueError(f"Dataset {name!r}: images of shape {dims} are not supported (square, a "
+                     "fixed size, 1 or 3 channels); convert the data to an .npz (dataset="
+                     "'npz:...') at a fixed size.")
+  num_classes = int(feats[labels[0]]["classLabel"]["numClasses"])
+  splits = [sp["name"] for sp in meta.get("splits", [])]
+  test = next((sp for sp in ("test", "validation", "val") if sp in splits), None)
+  if test is None:
+    raise ValueError(f"Dataset {name!r} has no test or validation split (splits: "
+                     f"{', '.join(splits)}).")
+  info = DatasetInfo(name, num_classes, c, h, (0.0,) * c, (1.0,) * c, test, images[0], labels[0])
+  if mean is None or std is None:
+    if "train" not in splits:
+      raise ValueError(f"Dataset {name!r} has no train split to compute the input normalisation "
+                       "from: set config.pixel_mean / config.pixel_std.")
+    mean, std = _tfds_channel_stats(name, data_dir, os.path.getmtime(folder), images[0],
+                                    labels[0])
+  return dataclasses.replace(info, mean=tuple(float(v) for v in mean),
+                             std=tuple(float(v) for v in std))
+
+
+@functools.lru_cache(maxsize=4)
+def _tfds_channel_stats(name, data_dir, mtime, image_key, label_key):
+  del mtime  # cache key only
+  x, _ = _cached_uint8(name, "train", data_dir, None, image_key, label_key)
+  return _pixel_stats(x)
+
+
+def _pixel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std of NHWC pixels in [0, 1] units (uint8 / 255 or floats)."""
+  scale = 255.0 if x.dtype == np.uint8 else 1.0
+  sums, squares = np.zeros(x.shape[-1]), np.zeros(x.shape[-1])
+  for start in range(0, x.shape[0], 4096):
+    chunk = x[start:start + 4096].astype(np.float64) / scale
+    sums += chunk.sum(axis=(0, 1, 2))
+    squares += np.square(chunk).sum(axis=(0, 1, 2))
+  n = x.shape[0] * x.shape[1] * x.shape[2]
+  mean = sums / n
+  std = np.sqrt(np.maximum(squares / n - mean * mean, 1e-12))
+  return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 # ---------------------------------------------------------------------------- npz datasets
@@ -225,17 +321,7 @@ def npz_info(path: str, mean=None, std=None) -> DatasetInfo:
 def _channel_stats(path: str, mtime: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean and std of x_train in [0, 1] units (float64 sums; once per file)."""
   del mtime
-  x = _load_npz(path)["x_train"]
-  scale = 255.0 if x.dtype == np.uint8 else 1.0
-  sums, squares = np.zeros(x.shape[-1]), np.zeros(x.shape[-1])
-  for start in range(0, x.shape[0], 4096):
-    chunk = x[start:start + 4096].astype(np.float64) / scale
-    sums += chunk.sum(axis=(0, 1, 2))
-    squares += np.square(chunk).sum(axis=(0, 1, 2))
-  n = x.shape[0] * x.shape[1] * x.shape[2]
-  mean = sums / n
-  std = np.sqrt(np.maximum(squares / n - mean * mean, 1e-12))
-  return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+  return _pixel_stats(_load_npz(path)["x_train"])
 
 
 def _read_npz_split(path: str, split: str, limit: int | None):
@@ -250,6 +336,17 @@ def _read_npz_split(path: str, split: str, limit: int | None):
   if limit:
     x, y = x[:limit], y[:limit]
   return x, y.astype(np.int32)
+
+
+def prepare_hint(name: str, data_dir: str) -> str:
+  """The command that (re)builds dataset `name` in `data_dir`."""
+  if name in DEBIAN_HINT:
+    return DEBIAN_HINT[name]
+  if name in DATASETS:
+    return (f"python -m dfkd_jax.data.prepare {name}   (needs internet and the 'prepare' "
+            "extra: pip install 'dfkd_jax[prepare]')")
+  return (f"tfds build {name} --file_format=array_record --data_dir {data_dir}   (TFDS's own "
+          "builder; needs TensorFlow)")
 
 
 def default_data_dir() -> str:
@@ -290,8 +387,9 @@ class _NoOpenCVNotice:
     return "OpenCV is not installed" not in record.getMessage()
 
 
-def _read_uint8(name: str, split: str, data_dir: str,
-                limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _read_uint8(name: str, split: str, data_dir: str, limit: int | None = None,
+                image_key: str = "image",
+                label_key: str = "label") -> tuple[np.ndarray, np.ndarray]:
   """Reads a TFDS split (its first `limit` examples, or all) as uint8 images and int32 labels."""
   import logging  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -301,8 +399,7 @@ def _read_uint8(name: str, split: str, data_dir: str,
     absl_logger.addFilter(_NoOpenCVNotice())
   builder_dir = os.path.join(data_dir, name)
   if not os.path.isdir(builder_dir):
-    hint = DEBIAN_HINT.get(name, f"python -m dfkd_jax.data.prepare {name}   (needs internet "
-                                 "and the 'prepare' extra: pip install 'dfkd_jax[prepare]')")
+    hint = prepare_hint(name, data_dir)
     raise FileNotFoundError(
         f"Dataset {name!r} is not prepared in the TFDS data dir {data_dir!r}. Prepare it with:\n"
         f"  {hint}\n(or set TFDS_DATA_DIR / config.data_dir to where it was prepared).")
@@ -321,11 +418,11 @@ def _read_uint8(name: str, split: str, data_dir: str,
     n = len(source) if limit is None else min(len(source), limit)
     for start in range(0, n, chunk):
       examples = source.__getitems__(list(range(start, min(n, start + chunk))))
-      images.append(np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]))
-      labels.append(np.asarray([ex["label"] for ex in examples], np.int32))
+      images.append(np.stack([np.asarray(ex[image_key], np.uint8) for ex in examples]))
+      labels.append(np.asarray([ex[label_key] for ex in examples], np.int32))
   except Exception as e:  # pylint: disable=broad-except  (array_record / decoding errors)
     files = sorted(glob.glob(os.path.join(builder_dir, "*", f"{name}-{split}.array_record*")))
-    hint = DEBIAN_HINT.get(name, f"python -m dfkd_jax.data.prepare {name}")
+    hint = prepare_hint(name, data_dir)
     raise RuntimeError(
         f"Reading the {split!r} split of {name!r} failed ({type(e).__name__}: "
         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}): its files "
@@ -355,7 +452,7 @@ def _check_prepared(name: str, split: str, data_dir: str, builder_dir: str) -> N
     raise ValueError(f"Dataset {name!r} has no split {split!r} (slices such as 'test[:8]' are "
                      f"not supported; use a limit); valid: {', '.join(sorted(known))}.")
   if not complete:
-    hint = DEBIAN_HINT.get(name, f"python -m dfkd_jax.data.prepare {name}")
+    hint = prepare_hint(name, data_dir)
     raise FileNotFoundError(
         f"Dataset {name!r} in {builder_dir!r} is incomplete: no version folder holds "
         f"dataset_info.json and the {split!r} split's array_record files (an interrupted "
@@ -363,8 +460,9 @@ def _check_prepared(name: str, split: str, data_dir: str, builder_dir: str) -> N
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_uint8(name: str, split: str, data_dir: str, limit: int | None = None):
-  images, labels = _read_uint8(name, split, data_dir, limit)
+def _cached_uint8(name: str, split: str, data_dir: str, limit: int | None = None,
+                  image_key: str = "image", label_key: str = "label"):
+  images, labels = _read_uint8(name, split, data_dir, limit, image_key, label_key)
   images.setflags(write=False)
   labels.setflags(write=False)
   return images, labels
@@ -387,13 +485,13 @@ def load_split(name: str, split: str, data_dir: str | None = None, pad_to: int |
   Returns:
     (images float32 [N, H, W, C] normalised, labels int32 [N]).
   """
-  info = info or get_info(name)
+  info = info or get_info(name, data_dir=data_dir)
   if name.startswith(NPZ_PREFIX):
     images, labels = _read_npz_split(name[len(NPZ_PREFIX):], split, limit or None)
   else:
     # Decode only the first `limit` examples (decoding a whole split costs seconds).
     images, labels = _cached_uint8(info.tfds_name, split, data_dir or default_data_dir(),
-                                   limit or None)
+                                   limit or None, info.image_key, info.label_key)
   x = normalize(images, info)
   if pad_to:
     # Pad in normalised space with the value of a black pixel, so padding looks like background.

@@ -63,19 +63,27 @@ DEBIAN_HINT = {
 
 
 NPZ_PREFIX = "npz:"
+FOLDER_PREFIX = "folder:"
 NPZ_SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def is_array_source(name: str) -> bool:
+  """Whether `name` is a dataset of the user's files ("npz:..." or "folder:...")."""
+  return name.startswith((NPZ_PREFIX, FOLDER_PREFIX))
 
 
 def get_info(name: str, mean=None, std=None, data_dir: str | None = None) -> DatasetInfo:
   """Returns the `DatasetInfo` of `name`, or raises a ValueError listing the valid names.
 
-  `name` is a built-in TFDS name (`DATASETS`), `"npz:/path/file.npz"` (see `npz_info`), or any
+  `name` is a built-in TFDS name (`DATASETS`), `"npz:/path/file.npz"` or `"folder:/path"` (see
+  `array_info`), or any
   other TFDS image-classification dataset prepared (array_record) in `data_dir` (see
   `tfds_info`). `mean`/`std` (per channel, [0, 1] units) replace the normalisation when given
   (a data-free run takes its teacher's).
   """
-  if name.startswith(NPZ_PREFIX):
-    info = npz_info(name[len(NPZ_PREFIX):], mean, std)
+  if is_array_source(name):
+    info = array_info(name, mean, std)
   elif name not in DATASETS:
     folder = os.path.join(data_dir or default_data_dir(), name)
     if not os.path.isdir(folder):
@@ -111,8 +119,9 @@ def dataset_info(config, teacher_workdir: str | None = None) -> DatasetInfo:
 def canonical_name(name: str) -> str:
   """`name` as model.json keeps it: an npz dataset by its absolute path (so a model's folder
   can be evaluated from any directory)."""
-  if name.startswith(NPZ_PREFIX):
-    return NPZ_PREFIX + os.path.abspath(os.path.expanduser(name[len(NPZ_PREFIX):]))
+  if is_array_source(name):
+    prefix, _, path = name.partition(":")
+    return f"{prefix}:{os.path.abspath(os.path.expanduser(path))}"
   return name
 
 
@@ -229,22 +238,28 @@ def _npz_arrays(path: str, mtime: float, size: int) -> dict:
     raise ValueError(f"Dataset file {path!r} is not a readable .npz ({type(e).__name__}: {e}); "
                      "write it with numpy.savez(path, x_train=..., y_train=..., x_test=..., "
                      "y_test=...).") from e
+  return _checked(arrays, f"Dataset file {path!r}")
+
+
+def _checked(arrays: dict, where: str) -> dict:
+  """`arrays` (x_/y_ train/test) with every shape, dtype and label rule checked; grayscale
+  [N, H, W] images get their channel axis."""
   present = [s for s in NPZ_SPLITS if f"x_{s}" in arrays or f"y_{s}" in arrays]
   if "test" not in present:
-    raise ValueError(f"Dataset file {path!r} has no x_test/y_test (it holds "
+    raise ValueError(f"{where} has no x_test/y_test (it holds "
                      f"{', '.join(sorted(arrays)) or 'nothing'}): every run evaluates on them; "
                      "data-free runs need only this pair.")
   shapes = set()
   for split in present:
     for k in (f"x_{split}", f"y_{split}"):
       if k not in arrays:
-        raise ValueError(f"Dataset file {path!r} has {'y' if k[0] == 'x' else 'x'}_{split} but "
+        raise ValueError(f"{where} has {'y' if k[0] == 'x' else 'x'}_{split} but "
                          f"no {k}: give both arrays of a split.")
     x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
     if x.ndim == 3:
       x = arrays[f"x_{split}"] = x[..., None]  # grayscale [N, H, W]
     if x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[3] not in (1, 3):
-      raise ValueError(f"Dataset file {path!r}: x_{split} has shape {x.shape}; images must be "
+      raise ValueError(f"{where}: x_{split} has shape {x.shape}; images must be "
                        "[N, H, W] or [N, H, W, C] with H == W and C 1 or 3 (pad or crop to a "
                        "square first).")
     if x.dtype == np.uint8:
@@ -252,41 +267,150 @@ def _npz_arrays(path: str, mtime: float, size: int) -> dict:
     elif np.issubdtype(x.dtype, np.floating):
       lo, hi = float(np.min(x)), float(np.max(x))
       if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"Dataset file {path!r}: x_{split} is {x.dtype} with values in "
+        raise ValueError(f"{where}: x_{split} is {x.dtype} with values in "
                          f"[{lo:.3g}, {hi:.3g}]; float images must be raw pixels in [0, 1] (the "
                          "library normalises them), or give uint8 in [0, 255].")
     else:
-      raise ValueError(f"Dataset file {path!r}: x_{split} has dtype {x.dtype}; use uint8 "
+      raise ValueError(f"{where}: x_{split} has dtype {x.dtype}; use uint8 "
                        "[0, 255] or float [0, 1] pixels.")
     if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
-      raise ValueError(f"Dataset file {path!r}: y_{split} must be integer labels of shape "
+      raise ValueError(f"{where}: y_{split} must be integer labels of shape "
                        f"[{x.shape[0]}] (one per image); it is {y.dtype} {y.shape}.")
     if y.size and int(y.min()) < 0:
-      raise ValueError(f"Dataset file {path!r}: y_{split} has negative labels; labels are "
+      raise ValueError(f"{where}: y_{split} has negative labels; labels are "
                        "0 .. num_classes-1.")
     shapes.add(x.shape[1:])
   if len(shapes) > 1:
-    raise ValueError(f"Dataset file {path!r}: the splits' images differ in shape "
+    raise ValueError(f"{where}: the splits' images differ in shape "
                      f"({sorted(shapes)}).")
   return arrays
 
 
-def _load_npz(path: str) -> dict:
+# ------------------------------------------------------------------------- image folders
+
+
+def _folder_root(path: str) -> str:
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"Dataset folder {path!r} does not exist (dataset='folder:<path>' "
+                            "names a folder with train/ and test/, one sub-folder per class).")
+  return path
+
+
+def _folder_signature(root: str) -> tuple:
+  """Changes when a split's or a class folder's contents change (the cache key)."""
+  sig = []
+  for split in NPZ_SPLITS:
+    d = os.path.join(root, split)
+    if os.path.isdir(d):
+      sig.append((split, os.stat(d).st_mtime_ns,
+                  tuple((c, os.stat(os.path.join(d, c)).st_mtime_ns) for c in sorted(
+                      os.listdir(d)) if os.path.isdir(os.path.join(d, c)))))
+  classes_txt = os.path.join(root, "classes.txt")
+  if os.path.isfile(classes_txt):
+    sig.append(("classes", os.stat(classes_txt).st_mtime_ns))
+  return tuple(sig)
+
+
+@functools.lru_cache(maxsize=2)
+def _folder_arrays(root: str, signature: tuple) -> dict:
+  """Decodes `root/{train,test}/<class>/<image>` into the arrays of an .npz dataset.
+
+  Classes are `root/classes.txt` (one name per line) when present, else the sorted class
+  folders of train/ (else of test/): a test folder missing a class keeps the others' labels
+  only with classes.txt or a train/ folder. Every image must have the size and channel kind
+  (grayscale or colour) of the first one.
+  """
+  del signature  # cache key only
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError("Image folders need Pillow (a dependency of the package: pip install "
+                     "pillow); or convert the images to an .npz (dataset='npz:...').") from e
+  splits = [s for s in NPZ_SPLITS if os.path.isdir(os.path.join(root, s))]
+  if "test" not in splits:
+    raise ValueError(f"Dataset folder {root!r} has no test/ folder (one sub-folder per class): "
+                     "every run evaluates on it; data-free runs need only test/.")
+  classes_txt = os.path.join(root, "classes.txt")
+  if os.path.isfile(classes_txt):
+    with open(classes_txt, encoding="utf-8") as f:
+      classes = [ln.strip() for ln in f if ln.strip()]
+  else:
+    first = os.path.join(root, splits[0])
+    classes = sorted(c for c in os.listdir(first) if os.path.isdir(os.path.join(first, c)))
+  if not classes:
+    raise ValueError(f"Dataset folder {root!r}/{splits[0]} has no class sub-folders.")
+  index = {c: i for i, c in enumerate(classes)}
+  arrays, mode, size = {}, None, None
+  for split in splits:
+    folder = os.path.join(root, split)
+    images, labels = [], []
+    for c in sorted(os.listdir(folder)):
+      if not os.path.isdir(os.path.join(folder, c)):
+        continue
+      if c not in index:
+        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        raise ValueError(f"Dataset folder {root!r}: class folder {split}/{c} is not among the "
+                         f"classes ({shown}; from classes.txt or train/).")
+      for fname in sorted(os.listdir(os.path.join(folder, c))):
+        if not fname.lower().endswith(IMAGE_SUFFIXES):
+          continue
+        path = os.path.join(folder, c, fname)
+        try:
+          with Image.open(path) as im:
+            if mode is None:
+              mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+              size = im.size
+            if im.size != size:
+              raise ValueError(f"Dataset folder {root!r}: {split}/{c}/{fname} is {im.size[0]}x"
+                               f"{im.size[1]}, the first image {size[0]}x{size[1]}: resize the "
+                               "images to one square size first.")
+            images.append(np.asarray(im.convert(mode), np.uint8))
+        except OSError as e:
+          raise ValueError(f"Dataset folder {root!r}: cannot read {split}/{c}/{fname} ({e}).") \
+              from e
+        labels.append(index[c])
+    if not images:
+      suffixes = ", ".join(IMAGE_SUFFIXES)
+      raise ValueError(f"Dataset folder {root!r}: {split}/ holds no images ({suffixes}).")
+    arrays[f"x_{split}"] = np.stack(images)
+    arrays[f"y_{split}"] = np.asarray(labels, np.int32)
+  arrays["num_classes"] = np.asarray(len(classes))
+  return _checked(arrays, f"Dataset folder {root!r}")
+
+
+def _version(name: str) -> tuple:
+  """What identifies the current contents of an "npz:" or "folder:" dataset (a cache key)."""
+  prefix, _, path = name.partition(":")
+  if prefix + ":" == FOLDER_PREFIX:
+    root = _folder_root(path)
+    return (root, _folder_signature(root))
   path = _npz_file(path)
   st = os.stat(path)
-  return _npz_arrays(path, st.st_mtime, st.st_size)
+  return (path, st.st_mtime_ns, st.st_size)
 
 
-def npz_info(path: str, mean=None, std=None) -> DatasetInfo:
-  """`DatasetInfo` of an .npz dataset: arrays x_train, y_train, x_test, y_test.
+def _load_arrays(name: str) -> dict:
+  """The checked arrays of an "npz:" or "folder:" dataset (decoded once per version)."""
+  key = _version(name)
+  if name.startswith(FOLDER_PREFIX):
+    return _folder_arrays(*key)
+  return _npz_arrays(*key)
+
+
+def array_info(name: str, mean=None, std=None) -> DatasetInfo:
+  """`DatasetInfo` of a dataset of the user's files: `"npz:/path/file.npz"` (arrays x_train,
+  y_train, x_test, y_test) or `"folder:/path"` (train/ and test/ with one sub-folder of images
+  per class).
 
   Images: uint8 [0, 255] or float [0, 1], shape [N, H, W] or [N, H, W, C] (square, C 1 or 3);
-  labels: integers [N]. The class count is the optional scalar array `num_classes`, else the
-  largest label + 1. The normalisation (per channel, [0, 1] units) is, in this order: `mean` /
-  `std` given here (a data-free run passes its teacher's), arrays `mean` and `std` in the file,
-  or computed from x_train (a test-only file needs one of the first two).
+  labels: integers [N]. The class count is the optional scalar array `num_classes` (a folder's
+  class list), else the largest label + 1. The normalisation (per channel, [0, 1] units) is, in
+  this order: `mean` / `std` given here (a data-free run passes its teacher's), arrays `mean`
+  and `std` in the file, or computed from x_train (a test-only set needs one of the first two).
   """
-  arrays = _load_npz(path)
+  arrays = _load_arrays(name)
+  where = f"Dataset {name!r}"
   x = arrays.get("x_train", arrays["x_test"])
   labels = [arrays[k] for k in ("y_train", "y_test") if k in arrays]
   num_classes = (int(arrays["num_classes"]) if "num_classes" in arrays
@@ -294,44 +418,44 @@ def npz_info(path: str, mean=None, std=None) -> DatasetInfo:
   too_large = [k for k in ("y_train", "y_test") if k in arrays and arrays[k].size
                and int(arrays[k].max()) >= num_classes]
   if too_large:
-    raise ValueError(f"Dataset file {path!r}: {too_large[0]} has labels >= num_classes "
-                     f"({num_classes}).")
+    raise ValueError(f"{where}: {too_large[0]} has labels >= num_classes ({num_classes}).")
   channels = x.shape[-1]
   if mean is None or std is None:
     if "mean" in arrays and "std" in arrays:
       mean, std = arrays["mean"], arrays["std"]
     elif "x_train" in arrays:
-      mean, std = _channel_stats(path, os.stat(_npz_file(path)).st_mtime)
+      mean, std = _channel_stats(name, _version(name))
     else:
       raise ValueError(
-          f"Dataset file {path!r} has no x_train to compute the input normalisation from: add "
+          f"{where} has no training images to compute the input normalisation from: add "
           "arrays 'mean' and 'std' (per channel, pixels in [0, 1]) to the file, or set "
           "config.pixel_mean / config.pixel_std (a data-free run takes its teacher's from the "
           "teacher's model.json).")
   mean = tuple(float(v) for v in np.ravel(mean))
   std = tuple(float(v) for v in np.ravel(std))
   if len(mean) != channels or len(std) != channels or min(std) <= 0:
-    raise ValueError(f"Dataset file {path!r}: mean {mean} and std {std} must have one value per "
+    raise ValueError(f"{where}: mean {mean} and std {std} must have one value per "
                      f"channel ({channels}), std > 0.")
-  return DatasetInfo(NPZ_PREFIX + os.path.abspath(os.path.expanduser(path)), num_classes,
-                     channels, x.shape[1], mean, std)
+  return DatasetInfo(canonical_name(name), num_classes, channels, x.shape[1], mean, std)
 
 
 @functools.lru_cache(maxsize=4)
-def _channel_stats(path: str, mtime: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Per-channel mean and std of x_train in [0, 1] units (float64 sums; once per file)."""
-  del mtime
-  return _pixel_stats(_load_npz(path)["x_train"])
+def _channel_stats(name: str, version: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std of x_train in [0, 1] units (float64 sums; once per version of
+  the data, `_version`)."""
+  del version
+  return _pixel_stats(_load_arrays(name)["x_train"])
 
 
-def _read_npz_split(path: str, split: str, limit: int | None):
-  arrays = _load_npz(path)
+def _read_array_split(name: str, split: str, limit: int | None):
+  arrays = _load_arrays(name)
   if split not in NPZ_SPLITS:
-    raise ValueError(f"Dataset file {path!r}: no split {split!r}; an .npz dataset has "
+    raise ValueError(f"Dataset {name!r}: no split {split!r}; a dataset of files has "
                      f"{' and '.join(NPZ_SPLITS)}.")
   if f"x_{split}" not in arrays:
-    raise ValueError(f"Dataset file {path!r} has no x_{split}/y_{split}: a run on real data "
-                     f"(teacher, scratch, kd_real) needs the {split} pair.")
+    raise ValueError(f"Dataset {name!r} has no {split} images (x_{split}/y_{split}, or a "
+                     f"{split}/ folder): a run on real data (teacher, scratch, kd_real) needs the "
+                     f"{split} pair.")
   x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
   if limit:
     x, y = x[:limit], y[:limit]
@@ -474,7 +598,8 @@ def load_split(name: str, split: str, data_dir: str | None = None, pad_to: int |
   """Loads a split into memory, normalised with the dataset's training constants.
 
   Args:
-    name: dataset name (see `DATASETS`), or "npz:/path/file.npz" (split "train" or "test").
+    name: dataset name (see `get_info`); "npz:..." and "folder:..." have splits "train" and
+      "test".
     split: TFDS split, e.g. "train", "test", "train[:1000]" is NOT supported; use `limit`.
     data_dir: TFDS data dir (default `default_data_dir()`).
     pad_to: optional square size to zero-pad to (e.g. 32 for 28x28 Fashion-MNIST and LeNet-5).
@@ -486,8 +611,8 @@ def load_split(name: str, split: str, data_dir: str | None = None, pad_to: int |
     (images float32 [N, H, W, C] normalised, labels int32 [N]).
   """
   info = info or get_info(name, data_dir=data_dir)
-  if name.startswith(NPZ_PREFIX):
-    images, labels = _read_npz_split(name[len(NPZ_PREFIX):], split, limit or None)
+  if is_array_source(name):
+    images, labels = _read_array_split(name, split, limit or None)
   else:
     # Decode only the first `limit` examples (decoding a whole split costs seconds).
     images, labels = _cached_uint8(info.tfds_name, split, data_dir or default_data_dir(),

@@ -46,7 +46,7 @@ def test_info_and_splits_of_an_npz_dataset(tmp_path):
 def test_grayscale_test_only_file_takes_given_or_stored_normalisation(tmp_path):
   x_test, y_test = _images(40)
   name = _save(tmp_path / "t.npz", x_test=x_test, y_test=y_test)
-  with pytest.raises(ValueError, match="no x_train to compute the input normalisation"):
+  with pytest.raises(ValueError, match="no training images to compute the input normalisation"):
     datasets.get_info(name)
   info = datasets.get_info(name, mean=[0.3], std=[0.4])
   assert info.channels == 1 and info.mean == (0.3,)

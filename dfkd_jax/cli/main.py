@@ -53,7 +53,21 @@ flags.DEFINE_string("data_dir", None,
                     "~/tensorflow_datasets).")
 flags.DEFINE_integer("limit", 0, "mode=evaluate: only the first N examples (0: all).",
                      lower_bound=0)
-_MODE_FLAGS = {"train": ("config", "workdir", "extend_budget"),
+flags.DEFINE_string("coordinator", None,
+                    "multi-process run: host:port of process 0's coordinator (with "
+                    "--num_processes and --process_id; every process gets the same command).")
+flags.DEFINE_integer("num_processes", None, "multi-process run: number of processes.",
+                     lower_bound=1)
+flags.DEFINE_integer("process_id", None, "multi-process run: this process's index (0 writes "
+                     "the files).", lower_bound=0)
+flags.DEFINE_bool("distributed", False,
+                  "multi-process run on a cluster JAX detects (TPU pod slice, SLURM, Open MPI): "
+                  "no other flag needed.")
+flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                     "multi-process run: a process silent this long counts as dead and the "
+                     "others stop (relaunch the same command to resume).", lower_bound=1)
+_MODE_FLAGS = {"train": ("config", "workdir", "extend_budget", "coordinator", "num_processes",
+                         "process_id", "distributed", "heartbeat_timeout_s"),
                "evaluate": ("model_dir", "teacher_dir", "dataset", "split", "data_dir", "limit"),
                "condense": ()}
 _OWN_FLAGS = ("mode", *(name for names in _MODE_FLAGS.values() for name in names))
@@ -242,6 +256,12 @@ def _main(argv):
     if FLAGS.mode == "evaluate":
       _evaluate()
       return
+    from dfkd_jax import parallel  # pylint: disable=g-import-not-at-top
+    if parallel.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
+                           auto=FLAGS.distributed,
+                           heartbeat_timeout_s=FLAGS.heartbeat_timeout_s
+                           ) and not parallel.is_main_process():
+      sys.stdout = open(os.devnull, "w", encoding="utf-8")  # only process 0 reports progress
     from dfkd_jax import train  # pylint: disable=g-import-not-at-top
     config = _loaded_config()
     if FLAGS.extend_budget:

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dfkd_jax import parallel
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be restored; the message names it and the way out."""
@@ -33,13 +35,14 @@ class CorruptCheckpointError(CheckpointError):
 
 def tree_sha256(tree: Any) -> str:
   """sha256 over every array leaf of `tree` (dtype, shape and bytes, in leaf order); PRNG keys
-  by their key data. The arrays are copied to the host."""
+  by their key data. The arrays are copied to the host; an array sharded over several
+  processes is gathered first (a collective: every process must call this, as they all save)."""
   h = hashlib.sha256()
 
   def raw(x):
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
-    return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+    return np.ascontiguousarray(parallel.to_host(x))
 
   for leaf in jax.tree.leaves(tree):
     a = raw(leaf)
@@ -122,11 +125,15 @@ class Checkpointer:
     """Moves the checkpoint at `step` out of the way, to `<directory>.damaged/<step>` (kept for
     inspection); returns where it went."""
     dest_root = self.directory + ".damaged"
-    os.makedirs(dest_root, exist_ok=True)
     dest = os.path.join(dest_root, str(step))
-    if os.path.exists(dest):
-      shutil.rmtree(dest)
-    shutil.move(os.path.join(self.directory, str(step)), dest)
+    if parallel.is_main_process():  # one process moves it; the others wait for the move
+      os.makedirs(dest_root, exist_ok=True)
+      if os.path.exists(dest):
+        shutil.rmtree(dest)
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"dfkd_quarantine_{step}")
     self._mngr.reload()
     return dest
 

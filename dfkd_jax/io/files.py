@@ -4,14 +4,18 @@ Every file a run writes for people or for later runs (summary.json, config.json,
 model.json, results tables, condensed sets) goes through `write_atomic`: the data go to a
 temporary file next to the target, are flushed to disk, and replace the target in one rename.
 A full disk, a read-only folder or a kill mid-write leaves the previous file (or none), never
-half of one, and no temporary file behind.
+half of one, and no temporary file behind. In a multi-process run only process 0 writes (the
+others' writes are dropped: every process computes the same results).
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from typing import IO, Iterator
+
+from dfkd_jax import parallel
 
 
 @contextlib.contextmanager
@@ -23,6 +27,9 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
   """
   if mode not in ("w", "wb"):
     raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}.")
+  if not parallel.is_main_process():
+    yield io.StringIO() if mode == "w" else io.BytesIO()
+    return
   folder = os.path.dirname(os.path.abspath(path))
   tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
   try:

@@ -1,6 +1,7 @@
 """Run logging: stdout progress with rate and ETA, a JSON-lines log and TensorBoard events."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
+from dfkd_jax import parallel
 from dfkd_jax.io import files
 
 
@@ -34,15 +36,20 @@ class RunLogger:
   def __init__(self, workdir: str, total_steps: int, name: str = "train",
                tensorboard: bool = True, stream=None, resume_step: int | None = None):
     self.workdir = workdir
-    os.makedirs(workdir, exist_ok=True)
     self.total_steps = total_steps
     self.name = name
-    self.stream = stream or sys.stdout
-    path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step is not None:
-      truncate_log(path, resume_step)
-    self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
-    self._tb = None
+    # In a multi-process run only process 0 logs (the others compute the same numbers).
+    self._enabled = parallel.is_main_process()
+    self.stream = (stream or sys.stdout) if self._enabled else io.StringIO()
+    self._jsonl = self._tb = None
+    if not self._enabled:
+      tensorboard = False
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None:
+        truncate_log(path, resume_step)
+      self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -67,8 +74,9 @@ class RunLogger:
     scalars = {k: _scalar(v) for k, v in scalars.items()}
     record = {"step": int(step), "time": time.time(), **{
         k: v for k, v in scalars.items() if np.ndim(v) == 0}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
         if np.ndim(v) == 0:
@@ -90,7 +98,8 @@ class RunLogger:
       self._tb.flush()
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from dfkd_jax import parallel
+
 
 def image_grid(images: np.ndarray, ncol: int = 8) -> np.ndarray:
   """[N, H, W, C] images in [0, 1] -> one [rows*(H+1)+1, ncol*(W+1)+1, 3] grid in [0, 1]."""
@@ -22,6 +24,9 @@ def image_grid(images: np.ndarray, ncol: int = 8) -> np.ndarray:
 
 
 def save_png(path: str, grid: np.ndarray, scale: int = 3) -> None:
+  """An HWC grid in [0, 1] as a PNG (process 0 only in a multi-process run)."""
+  if not parallel.is_main_process():
+    return
   from PIL import Image  # pylint: disable=g-import-not-at-top
   arr = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
   img = Image.fromarray(arr)
@@ -35,7 +40,9 @@ def save_png(path: str, grid: np.ndarray, scale: int = 3) -> None:
 
 def plot_curves(path: str, curves: dict[str, tuple[list, list]], title: str = "",
                 ylabel: str = "test accuracy (%)") -> None:
-  """Line plot of {label: (x, y)} saved as PNG (matplotlib, Agg backend)."""
+  """Line plot of {label: (x, y)} saved as PNG (matplotlib, Agg backend; process 0 only)."""
+  if not parallel.is_main_process():
+    return
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

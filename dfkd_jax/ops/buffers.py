@@ -68,7 +68,7 @@ class ImageBuffer(struct.PyTreeNode):
     """The buffer on `mesh` (used by `train.distill.place_state` after replication)."""
     sharding = self.sharding(mesh)
     return self if sharding is None else self.replace(
-        images=jax.device_put(self.images, sharding))
+        images=parallel.put(self.images, sharding))
 
 
 def init(capacity: int, item_shape, dtype=jnp.float32, batch_axis: int | None = None

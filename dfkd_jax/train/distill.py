@@ -221,7 +221,7 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if d.save_images:
       x = preview(state)
       if x is not None:
-        grid = viz.image_grid(np.asarray(datasets.denormalize(x, info)))
+        grid = viz.image_grid(datasets.denormalize(parallel.to_host(x), info))
         viz.save_png(os.path.join(workdir, "synthetic.png"), grid)
         logger.image("synthetic", it, grid)
 

@@ -28,6 +28,7 @@ import numpy as np
 from dfkd_jax.io import files
 from dfkd_jax.io import checkpointing
 from dfkd_jax import compile as compile_lib
+from dfkd_jax import parallel
 from dfkd_jax.io import logging_utils
 from dfkd_jax import numerics as numerics_lib
 
@@ -91,6 +92,9 @@ def workdir_lock(workdir: str):
   take it around the whole run, the loop again around its part). The kernel drops it when the
   process ends, however it ends; raises WorkdirBusyError if another process holds it."""
   os.makedirs(workdir, exist_ok=True)
+  if not parallel.is_main_process():  # a multi-process run: process 0 holds it for all
+    yield
+    return
   key = os.path.realpath(workdir)
   if key in _HELD_LOCKS:
     _HELD_LOCKS[key][1] += 1

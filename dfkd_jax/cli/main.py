@@ -1,8 +1,10 @@
-r"""Command line of dfkd_jax: train (default), evaluate a saved model, or condense.
+r"""Command line of dfkd_jax: train (default), evaluate a saved model, condense, import a
+PyTorch teacher.
 
   python -m dfkd_jax.cli.main --config=configs/<file>.py:method=<m> --workdir=<dir> [--config.<k>=<v>]
   python -m dfkd_jax.cli.main --mode=evaluate --model_dir=<run> [--teacher_dir=<run>] [--limit=N]
   python -m dfkd_jax.cli.main --mode=condense -- <arguments of dfkd_jax.condensation.condense>
+  python -m dfkd_jax.cli.main --mode=import_torch -- <arguments of dfkd_jax.io.torch_import>
 
 This module only parses flags and sets process-wide JAX options; all work happens in
 `dfkd_jax.train.train_and_evaluate` (and `dfkd_jax.condensation.condense.main`), which notebooks
@@ -32,7 +34,10 @@ MODES = {
                 "(--teacher_dir); writes nothing",
     "condense": "dfkd_jax.condensation.condense; its arguments follow `--` (see --mode=condense "
                 "-- --help)",
+    "import_torch": "a PyTorch state_dict -> a model folder (dfkd_jax.io.torch_import); its "
+                    "arguments follow `--` (see --mode=import_torch -- --help)",
 }
+_PASS_THROUGH_MODES = ("condense", "import_torch")  # their arguments follow `--`
 config_flags.DEFINE_config_file("config", None, "mode=train: config file (path.py:arg).",
                                 lock_config=True)
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do (see the modes above).")
@@ -69,7 +74,7 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100,
 _MODE_FLAGS = {"train": ("config", "workdir", "extend_budget", "coordinator", "num_processes",
                          "process_id", "distributed", "heartbeat_timeout_s"),
                "evaluate": ("model_dir", "teacher_dir", "dataset", "split", "data_dir", "limit"),
-               "condense": ()}
+               "condense": (), "import_torch": ()}
 _OWN_FLAGS = ("mode", *(name for names in _MODE_FLAGS.values() for name in names))
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
 
@@ -176,7 +181,7 @@ def _check_flags(argv) -> None:
   if mode == "evaluate" and not FLAGS.model_dir:
     raise UsageError("--mode=evaluate needs --model_dir=<run folder with model.msgpack and "
                      "model.json>.")
-  if mode != "condense" and len(argv) > 1:
+  if mode not in _PASS_THROUGH_MODES and len(argv) > 1:
     raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
 
@@ -253,6 +258,9 @@ def _main(argv):
     _check_flags(argv)
     if FLAGS.mode == "condense":
       sys.exit(_condense(argv[1:]))
+    if FLAGS.mode == "import_torch":
+      from dfkd_jax.io import torch_import  # pylint: disable=g-import-not-at-top
+      sys.exit(int(torch_import.main(list(argv[1:])) or 0))
     if FLAGS.mode == "evaluate":
       _evaluate()
       return
@@ -298,9 +306,9 @@ def _parse_flags(argv):
     if any(ln.startswith("Traceback") for ln in lines):  # config file raised: keep its message
       lines = [lines[0], lines[-1]]
     hint = ""
-    if "Unknown command line flag" in str(e) and any(a.startswith("--mode=condense")
-                                                     for a in argv):
-      hint = " (the arguments of --mode=condense go after `--`)"
+    passing = [m for m in _PASS_THROUGH_MODES if f"--mode={m}" in argv]
+    if "Unknown command line flag" in str(e) and passing:
+      hint = f" (the arguments of --mode={passing[0]} go after `--`)"
     print("error: " + " ".join(lines) + hint, file=sys.stderr)
   except AttributeError as e:  # ml_collections: the override names no field of the config
     bad = [a for a in argv[1:] if a.startswith("--config.")]

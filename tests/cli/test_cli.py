@@ -300,3 +300,14 @@ def test_the_wheel_ships_the_configs(tmp_path):
   names = zipfile.ZipFile(tmp_path / wheel).namelist()
   for name in ("fashion_mnist_lenet5.py", "fashion_mnist_resnet20.py", "cifar.py", "common.py"):
     assert f"dfkd_jax/configs/{name}" in names
+
+
+def test_import_torch_mode_passes_the_arguments_after_double_dash(tmp_path):
+  proc = helpers.run_cli(MAIN, "--mode=import_torch", "--", "--help", timeout=120)
+  assert proc.returncode == 0 and "--num_classes" in proc.stdout, proc.stderr[-1000:]
+  missing = tmp_path / "nothing.pth"
+  proc = helpers.run_cli(MAIN, "--mode=import_torch", "--", "--model", "resnet8",
+                         "--num_classes", "10", "--input_shape", "32,32,3", "--dataset",
+                         "cifar10", "--out", str(tmp_path / "out"), str(missing))
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "nothing.pth" in proc.stderr, proc.stderr

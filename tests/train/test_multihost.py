@@ -4,52 +4,26 @@ number of devices computes, write one set of files, and stop (not hang) when one
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 import helpers
+from dfkd_jax.cli import launch_local
 
 pytestmark = pytest.mark.slow
 CONFIG = os.path.join(helpers.REPO_ROOT, helpers.TEACHER_CONFIG)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _launch(workdir, num_processes, devices_per_process, config_arg, *flags, heartbeat=10):
   """Starts the processes of one run (one process: no distributed flags); returns them."""
-  port = _free_port()
-  env = helpers.cli_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-  procs = []
-  for i in range(num_processes):
-    args = [f"--config={CONFIG}:{config_arg}", f"--workdir={workdir}", *flags]
-    if num_processes > 1:
-      args += [f"--coordinator=127.0.0.1:{port}", f"--num_processes={num_processes}",
-               f"--process_id={i}", f"--heartbeat_timeout_s={heartbeat}"]
-    procs.append(subprocess.Popen(helpers.cli_command("dfkd_jax.cli.main", *args),
-                                  cwd=helpers.REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  return procs
+  return launch_local.start([f"--config={CONFIG}:{config_arg}", f"--workdir={workdir}", *flags],
+                            num_processes, devices_per_process, heartbeat, env=helpers.cli_env(),
+                            cwd=helpers.REPO_ROOT)
 
 
 def _finish(procs, timeout=400):
-  outs = []
-  for p in procs:
-    try:
-      out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outs.append((p.returncode, out, err))
-  return outs
+  return launch_local.wait(procs, timeout)
 
 
 def _metrics(workdir):

@@ -100,19 +100,29 @@ def get_info(name: str, mean=None, std=None, data_dir: str | None = None) -> Dat
   return info
 
 
-def dataset_info(config, teacher_workdir: str | None = None) -> DatasetInfo:
-  """The `DatasetInfo` of `config.dataset` with the input normalisation a run must use:
-  `config.pixel_mean` / `config.pixel_std` when set, else the one recorded in the teacher's
-  model.json (`teacher_workdir`; the teacher was trained with it), else the dataset's own."""
-  mean = tuple(config.get("pixel_mean", ()) or ()) or None
-  std = tuple(config.get("pixel_std", ()) or ()) or None
-  if (mean is None or std is None) and teacher_workdir:
+def given_normalization(config, teacher_workdir: str | None = None):
+  """`(mean, std)` fixed for the run, or None: `config.pixel_mean` / `config.pixel_std` when
+  set, else the one recorded in the teacher's model.json (`teacher_workdir`; the teacher was
+  trained with it)."""
+  mean = tuple(config.get("pixel_mean", ()) or ())
+  std = tuple(config.get("pixel_std", ()) or ())
+  if mean and std:
+    return mean, std
+  if teacher_workdir:
     try:
       with open(os.path.join(teacher_workdir, "model.json"), encoding="utf-8") as f:
         norm = json.load(f).get("normalization") or {}
-      mean, std = norm.get("mean"), norm.get("std")
+      if norm.get("mean") and norm.get("std"):
+        return tuple(norm["mean"]), tuple(norm["std"])
     except (OSError, ValueError, AttributeError):
-      mean = std = None  # no readable model.json here: model_io reports that where it matters
+      pass  # no readable model.json here: model_io reports that where it matters
+  return None
+
+
+def dataset_info(config, teacher_workdir: str | None = None) -> DatasetInfo:
+  """The `DatasetInfo` of `config.dataset` with the input normalisation a run must use:
+  `given_normalization` when there is one, else the dataset's own."""
+  mean, std = given_normalization(config, teacher_workdir) or (None, None)
   return get_info(config.dataset, mean, std, config.get("data_dir") or None)
 
 

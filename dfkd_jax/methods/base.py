@@ -51,7 +51,15 @@ def pixel_normalisation(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
   `config.pixel_mean/pixel_std` when set, else the teacher's recorded normalisation, else the
   dataset's training normalisation (`datasets.dataset_info`)."""
   teacher = config.get("teacher")
-  info = datasets.dataset_info(config, teacher.get("workdir") if teacher else None)
+  given = datasets.given_normalization(config, teacher.get("workdir") if teacher else None)
+  if given:
+    return given
+  try:
+    info = datasets.dataset_info(config)
+  except ValueError as e:
+    raise ValueError(f"{e} For a data-free run the generators also need the teacher's input "
+                     "normalisation: set config.pixel_mean and config.pixel_std (per channel, "
+                     "[0, 1] units).") from e
   return tuple(info.mean), tuple(info.std)
 
 

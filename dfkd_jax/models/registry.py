@@ -63,8 +63,8 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return ImportedModel(name, num_classes, tuple(sorted(kwargs.items())))
   if name not in MODELS:
     raise ValueError(
-        f"Unknown model name {name!r}; valid names: "
-        f"{', '.join(sorted(MODELS))}, or a module path 'package.module:ClassName'.")
+        f"Unknown model name {name!r} (give a registered name, or your own module as "
+        f"'package.module:ClassName'); valid names: {', '.join(sorted(MODELS))}.")
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 

@@ -27,6 +27,24 @@ def loss_block(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(c)
 
 
+# Config fields (by their last name) that do not change what a run computes: logging and
+# checkpoint cadence, pictures, labels, paths whose content is checked otherwise and the
+# wall-clock budget. The resume check and the report's grouping of seeds both start from it.
+BOOKKEEPING_FIELDS = frozenset({"log_every", "eval_every", "checkpoint_every", "max_to_keep",
+                                "save_images", "label", "data_dir", "time_budget_s", "workdir",
+                                "extend_budget"})
+
+
+def flatten(tree, prefix: str = "") -> dict:
+  """A nested dict (a config as JSON) as {"a.b.c": leaf}."""
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, f"{prefix}{k}."))
+  return out
+
+
 def set_dotted(config: ml_collections.ConfigDict, item: str) -> None:
   """Applies one `a.b.c=value` override, typed by the field's current value (as
   `--config.a.b.c=value` does on the command line); unknown fields are a ValueError."""

@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dfkd_jax import config_blocks
+
 SUMMARY = "summary.json"
 RUN_DIR = "run_dir"  # key added by `load_runs`: the folder the summary came from
 
@@ -88,9 +90,7 @@ def run_label(summary: dict) -> str:
 
 
 # Fields that do not make two runs different settings (seeds are what a row averages over).
-_NOT_A_SETTING = frozenset({"seed", "label", "workdir", "data_dir", "log_every", "eval_every",
-                            "checkpoint_every", "max_to_keep", "save_images", "time_budget_s",
-                            "extend_budget"})
+_NOT_A_SETTING = config_blocks.BOOKKEEPING_FIELDS | {"seed"}
 
 
 def _setting(summary: dict) -> dict:
@@ -100,19 +100,10 @@ def _setting(summary: dict) -> dict:
   path = os.path.join(summary.get(RUN_DIR, ""), "config.json")
   try:
     with open(path, encoding="utf-8") as f:
-      config = _flatten(json.load(f))
+      config = config_blocks.flatten(json.load(f))
   except (OSError, ValueError):
     config = {k: summary[k] for k in ("model", "teacher", "student") if k in summary}
   return {k: v for k, v in config.items() if k.rsplit(".", 1)[-1] not in _NOT_A_SETTING}
-
-
-def _flatten(tree, prefix=""):
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flatten(v, f"{prefix}{k}."))
-  return out
 
 
 def group_runs(runs: Sequence[dict]) -> dict[str, list[dict]]:

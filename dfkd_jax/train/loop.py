@@ -28,6 +28,7 @@ import numpy as np
 from dfkd_jax.io import files
 from dfkd_jax.io import checkpointing
 from dfkd_jax import compile as compile_lib
+from dfkd_jax import config_blocks
 from dfkd_jax import parallel
 from dfkd_jax.io import logging_utils
 from dfkd_jax import numerics as numerics_lib
@@ -45,32 +46,20 @@ class ConfigMismatchError(ValueError):
   """A resumed run's config differs from its checkpoint's in what the computation depends on."""
 
 
-# Config fields (by their last name) that do not change what a run computes: logging and
-# checkpoint cadence, pictures, labels, the evaluation subset, paths whose content is checked
-# otherwise (the teacher by its sha256) and the wall-clock budget. Any other difference stops a
-# resume, except fields the checkpoint's config lacks (added by a later version of the library).
-RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "checkpoint_every", "max_to_keep",
-                              "save_images", "label", "data_dir", "time_budget_s", "workdir",
-                              "test_limit", "extend_budget"})
+# Config fields (by their last name) that a resume may change: the bookkeeping ones and the
+# evaluation subset. Any other difference stops a resume, except fields the checkpoint's config
+# lacks (added by a later version of the library).
+RESUMABLE_FIELDS = config_blocks.BOOKKEEPING_FIELDS | {"test_limit"}
 # The condensed set is part of the checkpointed state: its file may move.
 RESUMABLE_PATHS = frozenset({"condensed.path"})
 # Run lengths: a resume may grow them when asked to (`Schedule.extend`, `--extend_budget`).
 BUDGET_FIELDS = frozenset({"num_iters", "num_steps", "num_epochs"})
 
 
-def _flatten(tree, prefix=""):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def config_differences(saved: dict, current: dict, ignore=frozenset()) -> list[str]:
   """`key: saved -> current` for every field that differs, except `RESUMABLE_FIELDS` and the
   field names in `ignore`."""
-  a, b = _flatten(saved), _flatten(current)
+  a, b = config_blocks.flatten(saved), config_blocks.flatten(current)
   out = []
   for key in sorted(set(a) | set(b)):
     name = key.rsplit(".", 1)[-1]
@@ -244,7 +233,7 @@ def _restore(ckpt, target):
 
 def _budget_changes(saved: dict, current: dict) -> dict:
   """{dotted key: (saved, current)} for the run-length fields that differ."""
-  a, b = _flatten(saved), _flatten(current)
+  a, b = config_blocks.flatten(saved), config_blocks.flatten(current)
   return {k: (a[k], b[k]) for k in sorted(set(a) & set(b))
           if k.rsplit(".", 1)[-1] in BUDGET_FIELDS and a[k] != b[k]}
 

@@ -135,3 +135,25 @@ def to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
+
+
+def process_rows(n: int, mesh: Mesh) -> tuple[int, int]:
+  """Rows [start, stop) of an `n`-row array split evenly over the mesh's devices along axis 0
+  that this process's devices hold (`n` a multiple of the device count). A process's devices
+  are consecutive in the mesh (`jax.devices()` orders them by process)."""
+  devices = list(mesh.devices.flat)
+  if n % len(devices):
+    raise ValueError(f"{n} rows do not split evenly over {len(devices)} devices.")
+  mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+  if not mine or mine != list(range(mine[0], mine[-1] + 1)):
+    raise ValueError("this process's devices are not one consecutive block of the mesh.")
+  per = n // len(devices)
+  return mine[0] * per, (mine[-1] + 1) * per
+
+
+def from_process_rows(local, mesh: Mesh, n: int) -> jax.Array:
+  """The global `n`-row array split over the mesh's `data` axis, from the rows
+  `process_rows(n, mesh)` that this process holds (each process passes its own)."""
+  local = np.asarray(local)
+  return jax.make_array_from_process_local_data(batch_sharding(mesh), local,
+                                                (n, *local.shape[1:]))

@@ -43,6 +43,9 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.num_devices = 0        # 0 -> all local devices
   c.train_limit = 0        # >0: use only the first N train examples (tests)
   c.test_limit = 0         # >0: evaluate on the first N test examples (tests)
+  # Real training data on the devices: replicated | sharded (each process reads and holds its
+  # devices' rows) | auto (sharded with several processes); dfkd_jax.train.supervised.
+  c.data_placement = "auto"
   c.teacher = ml_collections.ConfigDict(dict(model="lenet5_bn", workdir=""))
   c.student = ml_collections.ConfigDict(dict(model="lenet5_half_bn"))
   # Supervised training (teacher / scratch / kd_real).

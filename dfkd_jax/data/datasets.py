@@ -41,6 +41,11 @@ class DatasetInfo:
   image_key: str = "image"
   label_key: str = "label"
 
+  def image_shape(self, pad_to: int | None = None) -> tuple[int, int, int]:
+    """[H, W, C] of the images as runs see them (zero-padded to `pad_to` when given)."""
+    size = pad_to or self.image_size
+    return (size, size, self.channels)
+
 
 # CIFAR-100 uses the CIFAR-10 constants, as DAFL and PRE-DFKD do (docs/methods.md §0.3).
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -457,7 +462,7 @@ def _channel_stats(name: str, version: int) -> tuple[tuple[float, ...], tuple[fl
   return _pixel_stats(_load_arrays(name)["x_train"])
 
 
-def _read_array_split(name: str, split: str, limit: int | None):
+def _read_array_split(name: str, split: str, limit: int | None, rows=None):
   arrays = _load_arrays(name)
   if split not in NPZ_SPLITS:
     raise ValueError(f"Dataset {name!r}: no split {split!r}; a dataset of files has "
@@ -469,6 +474,8 @@ def _read_array_split(name: str, split: str, limit: int | None):
   x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
   if limit:
     x, y = x[:limit], y[:limit]
+  if rows is not None:
+    x, y = x[rows[0]:rows[1]], y[rows[0]:rows[1]]
   return x, y.astype(np.int32)
 
 
@@ -522,9 +529,10 @@ class _NoOpenCVNotice:
 
 
 def _read_uint8(name: str, split: str, data_dir: str, limit: int | None = None,
-                image_key: str = "image",
-                label_key: str = "label") -> tuple[np.ndarray, np.ndarray]:
-  """Reads a TFDS split (its first `limit` examples, or all) as uint8 images and int32 labels."""
+                image_key: str = "image", label_key: str = "label",
+                rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Reads a TFDS split (its first `limit` examples, or all; of those only `rows` [start, stop)
+  when given) as uint8 images and int32 labels."""
   import logging  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -550,7 +558,8 @@ def _read_uint8(name: str, split: str, data_dir: str, limit: int | None = None,
   chunk = 2048
   try:
     n = len(source) if limit is None else min(len(source), limit)
-    for start in range(0, n, chunk):
+    first, n = (0, n) if rows is None else (min(rows[0], n), min(rows[1], n))
+    for start in range(first, n, chunk):
       examples = source.__getitems__(list(range(start, min(n, start + chunk))))
       images.append(np.stack([np.asarray(ex[image_key], np.uint8) for ex in examples]))
       labels.append(np.asarray([ex[label_key] for ex in examples], np.int32))
@@ -562,6 +571,9 @@ def _read_uint8(name: str, split: str, data_dir: str, limit: int | None = None,
         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}): its files "
         f"({', '.join(files) or builder_dir}) are damaged. Delete {builder_dir!r} and prepare it "
         f"again: {hint}") from e
+  if not images:  # no rows asked: empty arrays of the split's shape
+    shape = source[0][image_key].shape if len(source) else (0,)
+    return np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32)
   return np.concatenate(images), np.concatenate(labels)
 
 
@@ -595,16 +607,30 @@ def _check_prepared(name: str, split: str, data_dir: str, builder_dir: str) -> N
 
 @functools.lru_cache(maxsize=8)
 def _cached_uint8(name: str, split: str, data_dir: str, limit: int | None = None,
-                  image_key: str = "image", label_key: str = "label"):
-  images, labels = _read_uint8(name, split, data_dir, limit, image_key, label_key)
+                  image_key: str = "image", label_key: str = "label", rows=None):
+  images, labels = _read_uint8(name, split, data_dir, limit, image_key, label_key, rows)
   images.setflags(write=False)
   labels.setflags(write=False)
   return images, labels
 
 
+def split_size(name: str, split: str, data_dir: str | None = None, limit: int | None = None,
+               info: DatasetInfo | None = None) -> int:
+  """How many examples `load_split` returns for (name, split, limit), without decoding them."""
+  info = info or get_info(name, data_dir=data_dir)
+  if is_array_source(name):
+    n = _read_array_split(name, split, None)[1].shape[0]
+  else:
+    data_dir = data_dir or default_data_dir()
+    _check_prepared(info.tfds_name, split, data_dir, os.path.join(data_dir, info.tfds_name))
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    n = len(tfds.data_source(info.tfds_name, split=split, data_dir=data_dir, download=False))
+  return min(n, limit) if limit else n
+
+
 def load_split(name: str, split: str, data_dir: str | None = None, pad_to: int | None = None,
-               limit: int | None = None,
-               info: DatasetInfo | None = None) -> tuple[np.ndarray, np.ndarray]:
+               limit: int | None = None, info: DatasetInfo | None = None,
+               rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Loads a split into memory, normalised with the dataset's training constants.
 
   Args:
@@ -616,17 +642,20 @@ def load_split(name: str, split: str, data_dir: str | None = None, pad_to: int |
     limit: keep only the first `limit` examples (TFDS order, which is shuffled at build time).
 
     info: the dataset's `DatasetInfo` (default `get_info(name)`); its mean/std normalise.
+    rows: only the examples [start, stop) of the (limited) split: what one process of a
+      multi-process run holds (a TFDS split reads just those records).
 
   Returns:
     (images float32 [N, H, W, C] normalised, labels int32 [N]).
   """
   info = info or get_info(name, data_dir=data_dir)
   if is_array_source(name):
-    images, labels = _read_array_split(name, split, limit or None)
+    images, labels = _read_array_split(name, split, limit or None, rows)
   else:
     # Decode only the first `limit` examples (decoding a whole split costs seconds).
     images, labels = _cached_uint8(info.tfds_name, split, data_dir or default_data_dir(),
-                                   limit or None, info.image_key, info.label_key)
+                                   limit or None, info.image_key, info.label_key,
+                                   None if rows is None else tuple(rows))
   x = normalize(images, info)
   if pad_to:
     # Pad in normalised space with the value of a black pixel, so padding looks like background.

@@ -198,23 +198,19 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = datasets.dataset_info(config, config.teacher.workdir)
   ctx, step_fn, state, teacher_meta = assemble(config)
   mesh = ctx.mesh
-  x_test, y_test = datasets.load_split(config.dataset, info.test_split, config.data_dir or None,
-                                       config.pad_to or None, limit=config.test_limit or None,
-                                       info=info)
-  test_images = parallel.replicate(jnp.asarray(x_test), mesh)
-  test_labels = parallel.replicate(jnp.asarray(y_test), mesh)
+  test = evaluation.place_test_split(config, info, mesh, ctx.image_shape)
   d = config.distill
 
   preview = jax.jit(functools.partial(synthetic_preview, ctx=ctx, n=64))
 
   def evaluate(state):
-    ev = evaluation.evaluate(state.student.apply_fn, state.student.variables, test_images,
-                             test_labels, teacher=state.teacher)
+    ev = evaluation.evaluate(state.student.apply_fn, state.student.variables, test,
+                             teacher=state.teacher)
     if state.has("student_ema"):
       ema = state.student_ema
       ev["accuracy_ema"] = evaluation.evaluate(
           state.student.apply_fn, state_lib.model_variables(ema["params"], ema["batch_stats"]),
-          test_images, test_labels)["accuracy"]
+          test)["accuracy"]
     return ev
 
   def pictures(state, it, logger):

@@ -63,18 +63,37 @@ def augment_batch(key, x, kind: str):
   return jnp.where(flip, x[:, :, ::-1], x)
 
 
-def make_train_step(config, mesh, steps_per_epoch: int):
-  """Returns step(state, images, labels, perm) -> (state, metrics): one SGD step."""
+def make_train_step(config, mesh, steps_per_epoch: int, sharded: bool = False):
+  """Returns step(state, images, labels, perm) -> (state, metrics): one SGD step.
+
+  Replicated data: `perm` [n] is one permutation of the split and the batch its next
+  `batch_size` entries. Sharded data (`sharded`): `images`/`labels` are split over the mesh's
+  devices, `perm` [devices, rows per device] permutes each device's rows, and each device takes
+  its next `batch_size / devices` rows: the global batch is assembled where the data lie.
+  """
   batch_size = config.batch_size
   kd = config.method in KD_METHODS
   temperature = config.kd.temperature
   alpha = config.kd.alpha
+  devices = mesh.devices.size
+
+  def select(images, labels, perm, i):
+    if not sharded:
+      idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+      return images[idx], labels[idx]
+    per = batch_size // devices
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * per, per, axis=1)  # [devices, per]
+    rows = perm.shape[1]
+    take = jax.vmap(lambda a, j: a[j])
+    x = take(images.reshape(devices, rows, *images.shape[1:]), idx)
+    y = take(labels.reshape(devices, rows), idx)
+    return x.reshape(batch_size, *images.shape[1:]), y.reshape(batch_size)
 
   def step(state: SupervisedState, images, labels, perm):
     i = state.step % steps_per_epoch
-    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
-    x = parallel.shard_batch(images[idx], mesh)
-    y = parallel.shard_batch(labels[idx], mesh)
+    x, y = select(images, labels, perm, i)
+    x = parallel.shard_batch(x, mesh)
+    y = parallel.shard_batch(y, mesh)
     key = jax.random.fold_in(state.rng, state.step)
     x = augment_batch(key, x, config.augment)
     t_logits = None
@@ -101,6 +120,19 @@ def make_train_step(config, mesh, steps_per_epoch: int):
   return step
 
 
+def sharded_data(config) -> bool:
+  """Whether the training split is split over the devices (`config.data_placement`): "auto"
+  shards it in a multi-process run (each process reads and holds only its devices' rows) and
+  replicates it on one process (every device holds it; the batch is drawn from the whole split,
+  as in all single-process results)."""
+  placement = config.get("data_placement", "auto")
+  if placement not in ("auto", "replicated", "sharded"):
+    raise ValueError(f"config.data_placement={placement!r}; valid: auto, replicated, sharded.")
+  if config.method == "kd_condensed":  # a condensed set is a few images: always replicated
+    return False
+  return placement == "sharded" or (placement == "auto" and jax.process_count() > 1)
+
+
 def _model_name(config) -> str:
   return config.teacher.model if config.method == "teacher" else config.student.model
 
@@ -114,17 +146,26 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_divisible(config.batch_size, mesh)
   data_dir = config.data_dir or None
-  x_train, y_train = datasets.load_split(config.dataset, "train", data_dir, config.pad_to or None,
-                                         limit=config.train_limit or None, info=info)
-  x_test, y_test = datasets.load_split(config.dataset, info.test_split, data_dir,
-                                       config.pad_to or None, limit=config.test_limit or None,
-                                       info=info)
+  sharded = sharded_data(config)
+  devices = mesh.devices.size
   if config.method == "kd_condensed":
     x_train, y_train, _ = condensed_lib.load_condensed(
-        config.condensed.path, image_shape=x_test.shape[1:], num_classes=info.num_classes)
+        config.condensed.path, image_shape=info.image_shape(config.pad_to or None),
+        num_classes=info.num_classes)
     reps = -(-config.batch_size // x_train.shape[0])  # tile a tiny set up to one batch
     x_train, y_train = np.tile(x_train, (reps, 1, 1, 1)), np.tile(y_train, reps)
-  n = x_train.shape[0]
+    n = x_train.shape[0]
+  elif sharded:  # this process reads only the rows of its devices (the remainder is dropped)
+    n = datasets.split_size(config.dataset, "train", data_dir, config.train_limit or None, info)
+    n = n // devices * devices
+    x_train, y_train = datasets.load_split(
+        config.dataset, "train", data_dir, config.pad_to or None,
+        limit=config.train_limit or None, info=info, rows=parallel.process_rows(n, mesh))
+  else:
+    x_train, y_train = datasets.load_split(config.dataset, "train", data_dir,
+                                           config.pad_to or None,
+                                           limit=config.train_limit or None, info=info)
+    n = x_train.shape[0]
   if n < config.batch_size:
     raise ValueError(f"batch_size={config.batch_size} exceeds the {n} training examples.")
   steps_per_epoch = n // config.batch_size
@@ -152,16 +193,26 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                             batch_stats=batch_stats, tx=tx),
                           teacher=teacher)
   state = parallel.replicate(state, mesh)
-  images = parallel.replicate(jnp.asarray(x_train), mesh)
-  labels = parallel.replicate(jnp.asarray(y_train), mesh)
-  test_images = parallel.replicate(jnp.asarray(x_test), mesh)
-  test_labels = parallel.replicate(jnp.asarray(y_test), mesh)
+  if sharded:
+    images = parallel.from_process_rows(x_train, mesh, n)
+    labels = parallel.from_process_rows(y_train, mesh, n)
+
+    def permutations(key, epoch):  # one permutation of each device's rows
+      keys = jax.random.split(jax.random.fold_in(key, epoch), devices)
+      return jax.vmap(lambda k: jax.random.permutation(k, n // devices))(keys).astype(jnp.int32)
+
+    perm_fn = jax.jit(permutations, out_shardings=parallel.batch_sharding(mesh))
+  else:
+    images = parallel.replicate(jnp.asarray(x_train), mesh)
+    labels = parallel.replicate(jnp.asarray(y_train), mesh)
+    perm_fn = jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch),
+                                                                n).astype(jnp.int32))
+  del x_train, y_train
+  test = evaluation.place_test_split(config, info, mesh, images.shape[1:])
 
   # A run builds its own step; forget traces of earlier runs in this process (same source).
   chex.clear_trace_counter()
-  train_step = loop_lib.jit_step(make_train_step(config, mesh, steps_per_epoch))
-  perm_fn = jax.jit(lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n)
-                    .astype(jnp.int32))
+  train_step = loop_lib.jit_step(make_train_step(config, mesh, steps_per_epoch, sharded))
   perm_key = jax.random.fold_in(state_key, 1)
   perm = {}  # the current epoch's permutation, drawn on device once per epoch
 
@@ -173,8 +224,8 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return train_step(state, images, labels, perm[epoch])
 
   def evaluate(state):
-    return evaluation.evaluate(state.model.apply_fn, state.model.variables, test_images,
-                               test_labels, teacher=state.teacher)
+    return evaluation.evaluate(state.model.apply_fn, state.model.variables, test,
+                               teacher=state.teacher)
 
   schedule = loop_lib.Schedule(config.method, total_steps, config.log_every, eval_every,
                                config.checkpoint_every, config.max_to_keep,
@@ -200,7 +251,7 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if teacher_meta is not None:
     summary["teacher_sha256"] = teacher_meta["sha256"]
   summary["sha256"] = model_io.export_model(
-      workdir, model_name=name, num_classes=info.num_classes, input_shape=x_train.shape[1:],
+      workdir, model_name=name, num_classes=info.num_classes, input_shape=images.shape[1:],
       dataset=datasets.canonical_name(config.dataset),
       params=state.model.params, batch_stats=state.model.batch_stats,
       extra={"test_accuracy": final["accuracy"], "method": config.method,

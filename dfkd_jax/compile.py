@@ -26,6 +26,7 @@ trainer, dataset condensation) is built with `jit`.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 import warnings
 
@@ -65,3 +66,42 @@ def jit(fun: Callable[..., Any], **kwargs) -> Callable[..., Any]:
   """`jax.jit(fun, **kwargs)` with `compiler_options()` (unless given explicitly)."""
   kwargs.setdefault("compiler_options", compiler_options())
   return jax.jit(fun, **kwargs)
+
+
+CACHE_ENV = "DFKD_COMPILE_CACHE"
+
+
+def default_cache_dir() -> str:
+  """`$DFKD_COMPILE_CACHE`, else `$XDG_CACHE_HOME/dfkd_jax/xla` (~/.cache/dfkd_jax/xla)."""
+  if os.environ.get(CACHE_ENV):
+    return os.environ[CACHE_ENV]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "dfkd_jax", "xla")
+
+
+def enable_cache(path: str = "auto", min_compile_seconds: float = 1.0) -> str | None:
+  """Turns on JAX's persistent compilation cache in `path` ("auto": `default_cache_dir()`;
+  "" or "off": leave it as it is); returns the folder in use (None when off).
+
+  A re-run or resume of the same config then loads its compiled steps from disk instead of
+  compiling them (benchmarks/RESULTS.md §12). Compilations shorter than `min_compile_seconds`
+  are not stored. The entries are keyed by the computation, the compiler options, the device
+  kind and the jax/jaxlib versions, so a stale entry is never used; the folder can be deleted at
+  any time. A user's own `jax_compilation_cache_dir` setting is kept.
+  """
+  if path in ("", "off", "none"):
+    return None
+  if jax.config.jax_compilation_cache_dir:  # already chosen (by the user or an earlier run)
+    return jax.config.jax_compilation_cache_dir
+  path = default_cache_dir() if path == "auto" else path
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    warnings.warn(f"dfkd_jax: no compilation cache ({path!r}: {e.strerror}); every run compiles "
+                  f"its steps. Set config.compile_cache or ${CACHE_ENV} to a writable folder.",
+                  stacklevel=2)
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path

@@ -32,7 +32,7 @@ def loss_block(**overrides) -> ml_collections.ConfigDict:
 # wall-clock budget. The resume check and the report's grouping of seeds both start from it.
 BOOKKEEPING_FIELDS = frozenset({"log_every", "eval_every", "checkpoint_every", "max_to_keep",
                                 "save_images", "label", "data_dir", "time_budget_s", "workdir",
-                                "extend_budget"})
+                                "extend_budget", "compile_cache"})
 
 
 def flatten(tree, prefix: str = "") -> dict:

@@ -77,3 +77,36 @@ def test_generator_gradient_close_to_float64(numerics_scope):
   with jax.enable_x64(True):
     reference = [g.astype(jnp.float32) for g in grads(jnp.float64, jax.jit)]
   assert rel_err(shipped, reference) < 1e-4
+
+
+def test_a_rerun_loads_its_steps_from_the_persistent_cache(tmp_path):
+  """config.compile_cache: the first run stores its compiled steps, an identical re-run finds
+  them all (no new entries) and computes the same numbers; "off" stores nothing."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import helpers  # pylint: disable=g-import-not-at-top
+  helpers.require_fashion_mnist()
+  cache = tmp_path / "cache"
+  env = helpers.cli_env(DFKD_COMPILE_CACHE=str(cache))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+  def run(workdir, *flags):
+    p = subprocess.run(helpers.cli_command(
+        "dfkd_jax.cli.main", f"--config={helpers.TEACHER_CONFIG}:method=teacher,tiny",
+        "--config.num_steps=4", f"--workdir={workdir}", *flags), cwd=helpers.REPO_ROOT,
+        env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-1500:]
+    with open(workdir / "summary.json", encoding="utf-8") as f:
+      return json.load(f)
+
+  first = run(tmp_path / "a")
+  entries = set(os.listdir(cache))
+  assert any(e.startswith("jit_wrapped") for e in entries), entries  # the training step
+  second = run(tmp_path / "b")
+  assert set(os.listdir(cache)) == entries
+  assert second["test_accuracy"] == first["test_accuracy"]
+  off = tmp_path / "off_cache"
+  env["DFKD_COMPILE_CACHE"] = str(off)
+  run(tmp_path / "c", "--config.compile_cache=off")
+  assert not off.exists()

@@ -46,6 +46,12 @@ def base(method: str) -> ml_collections.ConfigDict:
   # Real training data on the devices: replicated | sharded (each process reads and holds its
   # devices' rows) | auto (sharded with several processes); dfkd_jax.train.supervised.
   c.data_placement = "auto"
+  # Persistent XLA compilation cache: "auto" ($DFKD_COMPILE_CACHE or ~/.cache/dfkd_jax/xla),
+  # a folder, or "off" (dfkd_jax.compile.enable_cache).
+  c.compile_cache = "auto"
+  # Compute dtype of every model: float32 | bfloat16 (float32 parameters, optimiser states,
+  # BatchNorm statistics and losses; dfkd_jax.precision). For GPUs and TPUs.
+  c.dtype = "float32"
   c.teacher = ml_collections.ConfigDict(dict(model="lenet5_bn", workdir=""))
   c.student = ml_collections.ConfigDict(dict(model="lenet5_half_bn"))
   # Supervised training (teacher / scratch / kd_real).

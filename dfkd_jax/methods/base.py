@@ -13,6 +13,7 @@ from dfkd_jax.phases import guidance as guidance_lib
 from dfkd_jax import models as models_lib
 from dfkd_jax import optim
 from dfkd_jax import phases
+from dfkd_jax import precision
 from dfkd_jax import state as state_lib
 from dfkd_jax.data import datasets
 from dfkd_jax.state import Part
@@ -93,8 +94,8 @@ def generator_part(ctx: Context, module: nn.Module | None = None, sample_input=N
           else sample_input)
     variables = module.init(jax.random.split(key, 3)[1], z0, train=False)
     return state_lib.TrainState.create(
-        apply_fn=module.apply, params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
+        apply_fn=precision.mixed_apply(module.apply, precision.compute_dtype(cfg)),
+        params=variables["params"], batch_stats=variables.get("batch_stats", {}),
         tx=optim.make_optimizer(cfg.gen_optimizer, cfg.distill.num_iters))
 
   return Part("generator", init)
@@ -120,7 +121,8 @@ def init_state(key, ctx: Context, parts: Sequence[Part] = (), *,
   total_student_updates = (cfg.distill.num_iters * cfg.distill.student_steps
                            if student_updates is None else student_updates)
   student = state_lib.TrainState.create(
-      apply_fn=ctx.student_module.apply, params=s_params, batch_stats=s_bs,
+      apply_fn=precision.mixed_apply(ctx.student_module.apply, precision.compute_dtype(cfg)),
+      params=s_params, batch_stats=s_bs,
       tx=optim.make_optimizer(cfg.optimizer, total_student_updates))
   parts = tuple(parts) + guidance_lib.parts(ctx.guidance)
   names = [p.name for p in parts]

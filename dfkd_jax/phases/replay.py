@@ -22,6 +22,7 @@ from dfkd_jax.ops import losses
 from dfkd_jax.ops import buffers
 from dfkd_jax import optim
 from dfkd_jax import phases
+from dfkd_jax import precision
 from dfkd_jax import state as state_lib
 
 
@@ -103,8 +104,8 @@ def vae_part(module, optimizer) -> state_lib.Part:
     variables = module.init({"params": jax.random.fold_in(key, 101)}, x0,
                             jax.random.fold_in(key, 102), train=False)
     return state_lib.TrainState.create(
-        apply_fn=module.apply, params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
+        apply_fn=precision.mixed_apply(module.apply, precision.compute_dtype(ctx.config)),
+        params=variables["params"], batch_stats=variables.get("batch_stats", {}),
         tx=optim.make_optimizer(optimizer, ctx.config.distill.num_iters))
 
   return state_lib.Part("vae", init)

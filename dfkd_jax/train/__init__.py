@@ -23,6 +23,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   # pylint: disable=g-import-not-at-top
   config_blocks.validate(config)  # every range, before anything is written
+  from dfkd_jax import compile as compile_lib
+  compile_lib.enable_cache(config.get("compile_cache", "auto"))
   from dfkd_jax.train import loop
   # One process per workdir, for the whole run (summary and export included).
   with loop.workdir_lock(workdir), numerics_lib.use(numerics_lib.Numerics.from_config(config)):

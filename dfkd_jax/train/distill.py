@@ -21,6 +21,7 @@ import numpy as np
 from dfkd_jax.io import files
 from dfkd_jax.condensation import condensed_set as condensed_lib
 from dfkd_jax.train import evaluation
+from dfkd_jax import precision
 from dfkd_jax.train import loop as loop_lib
 from dfkd_jax import methods as methods_lib
 from dfkd_jax.io import model_io
@@ -58,6 +59,8 @@ def context(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_sh
     if tuple(teacher_meta["input_shape"]) != tuple(image_shape):
       raise ValueError(f"The teacher expects inputs {tuple(teacher_meta['input_shape'])} but the "
                        f"config gives {tuple(image_shape)} (check config.pad_to).")
+  teacher = teacher.replace(apply_fn=precision.mixed_apply(teacher.apply_fn,
+                                                           precision.compute_dtype(config)))
   student_module = models_lib.get_model(config.student.model, num_classes=num_classes)
   condensed = None
   if config.get("guidance", "none") != "none":
@@ -249,6 +252,7 @@ def train_distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "time_budget_s": budget or None,
       "iterations_per_second": out.steps_per_second,
       "num_devices": int(mesh.devices.size), "seed": config.seed,
+      "dtype": jnp.dtype(precision.compute_dtype(config)).name,
       "teacher_sha256": teacher_meta["sha256"] if teacher_meta else None,
       "teacher_accuracy": teacher_meta.get("test_accuracy") if teacher_meta else None,
   }

@@ -31,6 +31,7 @@ from dfkd_jax.io import model_io
 from dfkd_jax import models as models_lib
 from dfkd_jax import optim
 from dfkd_jax import parallel
+from dfkd_jax import precision
 from dfkd_jax import state as state_lib
 from dfkd_jax.data import datasets
 
@@ -177,6 +178,7 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rng = jax.random.key(config.seed)
   init_key, state_key = jax.random.split(rng)
   params, batch_stats = state_lib.init_model(module, init_key, jnp.asarray(x_train[:1]))
+  dtype = precision.compute_dtype(config)
   tx = optim.make_optimizer(config.optimizer, total_steps)
   teacher = None
   teacher_meta = None
@@ -188,9 +190,10 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if tuple(teacher_meta["input_shape"]) != tuple(x_train.shape[1:]):
       raise ValueError(f"The teacher expects inputs {tuple(teacher_meta['input_shape'])} but the "
                        f"data are {tuple(x_train.shape[1:])} (check config.pad_to).")
-  state = SupervisedState(step=jnp.zeros((), jnp.int32), rng=state_key,
-                          model=state_lib.TrainState.create(apply_fn=module.apply, params=params,
-                                                            batch_stats=batch_stats, tx=tx),
+    teacher = teacher.replace(apply_fn=precision.mixed_apply(teacher.apply_fn, dtype))
+  model = state_lib.TrainState.create(apply_fn=precision.mixed_apply(module.apply, dtype),
+                                      params=params, batch_stats=batch_stats, tx=tx)
+  state = SupervisedState(step=jnp.zeros((), jnp.int32), rng=state_key, model=model,
                           teacher=teacher)
   state = parallel.replicate(state, mesh)
   if sharded:
@@ -245,6 +248,7 @@ def train_supervised(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             if out.steps_per_second else None),
       "num_params": state_lib.num_params(state.model.params),
       "num_devices": int(mesh.devices.size), "seed": config.seed,
+      "dtype": jnp.dtype(dtype).name,
   }
   if final["agreement"] is not None:
     summary["teacher_agreement"] = final["agreement"]

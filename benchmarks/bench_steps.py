@@ -4,6 +4,8 @@ r"""Step throughput of every method and of supervised teacher training, on this 
   python benchmarks/bench_steps.py --pairs lenet --methods dfad --batch 32,64,128,256
   python benchmarks/bench_steps.py --devices 2 ...    # fake CPU devices (XLA_FLAGS)
   python benchmarks/bench_steps.py --conv_grads xla ...  # JAX's own conv gradients
+  python benchmarks/bench_steps.py --pairs r34_r18,wrn40_2_wrn16_2 --dtype float32,bfloat16 \
+      --methods dafl,deepinversion,mb_dfkd,pre_dfkd,fast,nayer   # the CIFAR pairs (GPU check)
 
 Data-free steps use a randomly initialised teacher (speed does not depend on its weights).
 For each (pair, method): compile time of the first call, then the median wall time of
@@ -15,6 +17,13 @@ batch size); `--devices N` runs on N fake XLA:CPU devices (it sets
 `--xla_force_host_platform_device_count` before JAX starts: scaling with devices, one process
 per device count); `--conv_grads` selects `dfkd_jax.models.conv`'s gradient mode (default
 auto: canonical-layout conv gradients on CPU; `xla`: JAX's own, the state before issue 6).
+
+The CIFAR pairs (`r34_r18`, `wrn40_2_wrn16_2`: 32x32x3, `configs/cifar.py` at its budgets) are
+for accelerators. `--dtype` lists compute dtypes (`config.dtype`). Each row also gives XLA's
+FLOP count of one outer iteration (`cost_analysis`) and the fraction of the device's peak it
+reaches: the dense tensor-core peak of the dtype for known GPUs (`PEAK_TFLOPS`; float32 steps
+run their products in TF32 on these GPUs, JAX's default precision), or `--peak_tflops`.
+`--max_minutes` stops starting new rows after that long (the rows so far are printed).
 """
 from __future__ import annotations
 
@@ -55,7 +64,25 @@ from dfkd_jax.cli import demo  # noqa: E402
 PAIRS = {
     "lenet": ("configs/fashion_mnist_lenet5.py", "lenet5_bn", "lenet5_half_bn", (32, 32, 1)),
     "resnet": ("configs/fashion_mnist_lenet5.py", "resnet20", "resnet8", (32, 32, 1)),
+    "r34_r18": ("configs/cifar.py", "resnet34", "resnet18", (32, 32, 3)),
+    "wrn40_2_wrn16_2": ("configs/cifar.py", "wrn40_2", "wrn16_2", (32, 32, 3)),
 }
+# Dense tensor-core peaks (TFLOP/s) by device kind: bfloat16, and TF32 for float32 products.
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float32": 494.5},
+    "H200": {"bfloat16": 989.0, "float32": 494.5},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+}
+
+
+def peak_tflops(dtype: str, given: float | None) -> float | None:
+  if given:
+    return given
+  kind = jax.devices()[0].device_kind
+  for name, peaks in PEAK_TFLOPS.items():
+    if name in kind:
+      return peaks[dtype]
+  return None
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -65,13 +92,16 @@ def machine() -> str:
 
 
 def time_method(pair: str, method: str, batch: int, repeats: int, ngf: int, di_iters: int,
-                student_steps: int | None, unroll: bool = False):
+                student_steps: int | None, unroll: bool = False, dtype: str = "float32"):
   cfg_path, t_name, s_name, shape = PAIRS[pair]
-  config = demo.load_config(os.path.join(ROOT, cfg_path), f"method={method}")
+  arg = f"method={method}" + (f",pair={pair}" if cfg_path.endswith("cifar.py") else "")
+  config = demo.load_config(os.path.join(ROOT, cfg_path), arg)
   config.teacher.model, config.student.model = t_name, s_name
+  config.dtype = dtype
   config.distill.batch_size = batch
   config.distill.unroll = unroll
-  config.generator.ngf = ngf
+  if ngf:
+    config.generator.ngf = ngf
   config.deepinversion.iterations = di_iters
   config.deepinversion.pool_size = max(config.deepinversion.pool_size, batch)
   if student_steps is not None and method != "dafl":
@@ -81,8 +111,11 @@ def time_method(pair: str, method: str, batch: int, repeats: int, ngf: int, di_i
   teacher = state_lib.FrozenModel(params=params, batch_stats=bs, apply_fn=t_module.apply)
   mesh = parallel.make_mesh()
   ctx, step, state, _ = distill.assemble(config, mesh=mesh, teacher=teacher, image_shape=shape,
-                                         num_classes=10, seed=0)
-  t0 = time.perf_counter()
+                                         num_classes=10, seed=0, max_traces=2)
+  t0 = time.perf_counter()  # compile: lowering + XLA compilation + the first call
+  cost = step.lower(state).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get("flops", 0.0)) or None
   state, m = step(state)
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0
@@ -99,9 +132,10 @@ def time_method(pair: str, method: str, batch: int, repeats: int, ngf: int, di_i
   return {"pair": f"{t_name} -> {s_name}", "method": method, "batch": batch,
           "student_steps": config.distill.student_steps,
           "inner": (f"{config.deepinversion.iterations} inversion iters"
-                    if method in ("deepinversion", "adi") else f"ngf {ngf}"),
+                    if method in ("deepinversion", "adi") else f"ngf {config.generator.ngf}"),
           "compile_s": compile_s, "median_s": med, "it_per_s": 1.0 / med,
-          "student_img_per_s": images / med}
+          "student_img_per_s": images / med, "dtype": dtype, "flops": flops,
+          "tflops_per_s": flops / med / 1e12 if flops else None}
 
 
 def main():
@@ -112,12 +146,18 @@ def main():
   p.add_argument("--devices", type=int, default=1, help="fake XLA:CPU devices")
   p.add_argument("--conv_grads", default="auto", choices=numerics_lib.CONV_GRADS)
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--ngf", type=int, default=32)
+  p.add_argument("--ngf", type=int, default=32, help="generator width (0: the config's own)")
   p.add_argument("--di_iters", type=int, default=20)
   p.add_argument("--student_steps", type=int, default=None,
                  help="override student steps per iteration (default: the method's)")
   p.add_argument("--unroll", action="store_true", help="unroll the inner student repeats")
+  p.add_argument("--dtype", default="float32", help="compute dtype(s), comma-separated")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="the device's peak TFLOP/s (default: PEAK_TFLOPS for known GPUs)")
+  p.add_argument("--max_minutes", type=float, default=0.0,
+                 help="start no new row after this many minutes (0: no limit)")
   args = p.parse_args()
+  start = time.perf_counter()
   # This script's numerics, for the rest of the process.
   contextlib.ExitStack().enter_context(numerics_lib.use(conv_grads=args.conv_grads))
   if jax.device_count() != args.devices:
@@ -125,19 +165,30 @@ def main():
   import chex  # pylint: disable=g-import-not-at-top
   print(f"Machine: {machine()}; date {datetime.date.today()}; command: python "
         + " ".join(sys.argv), flush=True)
-  print("\n| pair | method | batch | devices | conv grads | student steps/it | inner | unroll | "
-        "compile (s) | median step (s) | it/s | student img/s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+  print("\n| pair | method | dtype | batch | devices | conv grads | student steps/it | inner | "
+        "unroll | compile (s) | median step (s) | it/s | student img/s | TFLOP/it | TFLOP/s | "
+        "of peak |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        flush=True)
   for pair in args.pairs.split(","):
     for method in args.methods.split(","):
-      for batch in (int(b) for b in args.batch.split(",")):
-        chex.clear_trace_counter()
-        r = time_method(pair, method, batch, args.repeats, args.ngf, args.di_iters,
-                        args.student_steps, args.unroll)
-        print(f"| {r['pair']} | {r['method']} | {r['batch']} | {jax.device_count()} | "
-              f"{args.conv_grads} | {r['student_steps']} | {r['inner']} | {args.unroll} | "
-              f"{r['compile_s']:.1f} | {r['median_s']:.3f} | {r['it_per_s']:.2f} | "
-              f"{r['student_img_per_s']:.0f} |", flush=True)
+      for dtype in args.dtype.split(","):
+        for batch in (int(b) for b in args.batch.split(",")):
+          if args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
+            print(f"(stopped: --max_minutes {args.max_minutes} reached before {pair} {method} "
+                  f"{dtype} {batch})", flush=True)
+            return
+          chex.clear_trace_counter()
+          r = time_method(pair, method, batch, args.repeats, args.ngf, args.di_iters,
+                          args.student_steps, args.unroll, dtype)
+          peak = peak_tflops(dtype, args.peak_tflops)
+          tf = r["tflops_per_s"]
+          print(f"| {r['pair']} | {r['method']} | {dtype} | {r['batch']} | "
+                f"{jax.device_count()} | {args.conv_grads} | {r['student_steps']} | "
+                f"{r['inner']} | {args.unroll} | {r['compile_s']:.1f} | {r['median_s']:.3f} | "
+                f"{r['it_per_s']:.2f} | {r['student_img_per_s']:.0f} | "
+                f"{r['flops'] / 1e12 if r['flops'] else float('nan'):.3f} | "
+                f"{tf if tf else float('nan'):.3f} | "
+                f"{f'{tf / peak:.1%}' if tf and peak else '-'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_generator_gradient_close_to_float64(numerics_scope):
 
 def test_a_rerun_loads_its_steps_from_the_persistent_cache(tmp_path):
   """config.compile_cache: the first run stores its compiled steps, an identical re-run finds
-  them all (no new entries) and computes the same numbers; "off" stores nothing."""
+  them all (no new entries) and computes the same numbers."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -106,7 +106,11 @@ def test_a_rerun_loads_its_steps_from_the_persistent_cache(tmp_path):
   second = run(tmp_path / "b")
   assert set(os.listdir(cache)) == entries
   assert second["test_accuracy"] == first["test_accuracy"]
-  off = tmp_path / "off_cache"
-  env["DFKD_COMPILE_CACHE"] = str(off)
-  run(tmp_path / "c", "--config.compile_cache=off")
-  assert not off.exists()
+
+
+def test_cache_off_changes_nothing(monkeypatch, tmp_path):
+  monkeypatch.setenv(compile_lib.CACHE_ENV, str(tmp_path / "cache"))
+  before = jax.config.jax_compilation_cache_dir
+  assert compile_lib.enable_cache("off") is None
+  assert jax.config.jax_compilation_cache_dir == before
+  assert not (tmp_path / "cache").exists()

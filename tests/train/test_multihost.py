@@ -26,6 +26,16 @@ def _finish(procs, timeout=400):
   return launch_local.wait(procs, timeout)
 
 
+def _launch_until_checkpoint(workdir, step, config_arg, *flags):
+  """Starts a 2 x 2 run and returns its processes once checkpoint `step` is on disk."""
+  procs = _launch(workdir, 2, 2, config_arg, *flags)
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / str(step)).exists():
+    assert time.time() < deadline and procs[0].poll() is None, "no checkpoint in time"
+    time.sleep(0.2)
+  return procs
+
+
 def _metrics(workdir):
   return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
@@ -98,11 +108,7 @@ def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(teachers, tmp_p
   reference = tmp_path / "reference"
   assert [r[0] for r in _finish(_launch(reference, 2, 2, arg, *flags))] == [0, 0]
   run = tmp_path / "run"
-  procs = _launch(run, 2, 2, arg, *flags)
-  deadline = time.time() + 300
-  while not (run / "checkpoints" / "4").exists():
-    assert time.time() < deadline and procs[0].poll() is None, "no checkpoint in time"
-    time.sleep(0.2)
+  procs = _launch_until_checkpoint(run, 4, arg, *flags)
   procs[1].send_signal(signal.SIGKILL)
   t0 = time.time()
   (rc0, _, err0), _ = _finish(procs, timeout=120)
@@ -125,11 +131,7 @@ def test_a_run_resumes_on_another_process_and_device_count(teachers, tmp_path):
   flags = ("--config.distill.num_iters=8", "--config.distill.checkpoint_every=4",
            "--config.distill.log_every=4", "--config.distill.eval_every=4")
   run = tmp_path / "run"
-  procs = _launch(run, 2, 2, arg, *flags)
-  deadline = time.time() + 300
-  while not (run / "checkpoints" / "4").exists():
-    assert time.time() < deadline and procs[0].poll() is None, "no checkpoint in time"
-    time.sleep(0.2)
+  procs = _launch_until_checkpoint(run, 4, arg, *flags)
   for p in procs:
     p.send_signal(signal.SIGKILL)
   _finish(procs, timeout=60)

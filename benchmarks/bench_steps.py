@@ -115,7 +115,9 @@ def time_method(pair: str, method: str, batch: int, repeats: int, ngf: int, di_i
   t0 = time.perf_counter()  # compile: lowering + XLA compilation + the first call
   cost = step.lower(state).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get("flops", 0.0)) or None
+  # XLA counts the FLOPs of one device's (partitioned) program: the step's are that times the
+  # mesh size
+  flops = float((cost or {}).get("flops", 0.0)) * mesh.devices.size or None
   state, m = step(state)
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0

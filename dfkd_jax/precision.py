@@ -39,7 +39,7 @@ def cast_floats(tree, dtype):
   non-arrays unchanged)."""
 
   def leaf(x):
-    if isinstance(x, (jax.Array, jnp.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
       return x.astype(dtype)
     return x
 
@@ -68,3 +68,8 @@ def mixed_apply(apply_fn: Callable, dtype) -> Callable:
   if jnp.dtype(dtype) == jnp.float32:
     return apply_fn
   return _wrapped(apply_fn, dtype)
+
+
+def apply_for(apply_fn: Callable, config) -> Callable:
+  """`mixed_apply(apply_fn, compute_dtype(config))`: a model's apply at the run's dtype."""
+  return mixed_apply(apply_fn, compute_dtype(config))

@@ -94,7 +94,7 @@ def generator_part(ctx: Context, module: nn.Module | None = None, sample_input=N
           else sample_input)
     variables = module.init(jax.random.split(key, 3)[1], z0, train=False)
     return state_lib.TrainState.create(
-        apply_fn=precision.mixed_apply(module.apply, precision.compute_dtype(cfg)),
+        apply_fn=precision.apply_for(module.apply, cfg),
         params=variables["params"], batch_stats=variables.get("batch_stats", {}),
         tx=optim.make_optimizer(cfg.gen_optimizer, cfg.distill.num_iters))
 
@@ -121,7 +121,7 @@ def init_state(key, ctx: Context, parts: Sequence[Part] = (), *,
   total_student_updates = (cfg.distill.num_iters * cfg.distill.student_steps
                            if student_updates is None else student_updates)
   student = state_lib.TrainState.create(
-      apply_fn=precision.mixed_apply(ctx.student_module.apply, precision.compute_dtype(cfg)),
+      apply_fn=precision.apply_for(ctx.student_module.apply, cfg),
       params=s_params, batch_stats=s_bs,
       tx=optim.make_optimizer(cfg.optimizer, total_student_updates))
   parts = tuple(parts) + guidance_lib.parts(ctx.guidance)

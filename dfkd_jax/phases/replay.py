@@ -104,7 +104,7 @@ def vae_part(module, optimizer) -> state_lib.Part:
     variables = module.init({"params": jax.random.fold_in(key, 101)}, x0,
                             jax.random.fold_in(key, 102), train=False)
     return state_lib.TrainState.create(
-        apply_fn=precision.mixed_apply(module.apply, precision.compute_dtype(ctx.config)),
+        apply_fn=precision.apply_for(module.apply, ctx.config),
         params=variables["params"], batch_stats=variables.get("batch_stats", {}),
         tx=optim.make_optimizer(optimizer, ctx.config.distill.num_iters))
 

@@ -59,8 +59,7 @@ def context(config: ml_collections.ConfigDict, mesh=None, teacher=None, image_sh
     if tuple(teacher_meta["input_shape"]) != tuple(image_shape):
       raise ValueError(f"The teacher expects inputs {tuple(teacher_meta['input_shape'])} but the "
                        f"config gives {tuple(image_shape)} (check config.pad_to).")
-  teacher = teacher.replace(apply_fn=precision.mixed_apply(teacher.apply_fn,
-                                                           precision.compute_dtype(config)))
+  teacher = teacher.replace(apply_fn=precision.apply_for(teacher.apply_fn, config))
   student_module = models_lib.get_model(config.student.model, num_classes=num_classes)
   condensed = None
   if config.get("guidance", "none") != "none":

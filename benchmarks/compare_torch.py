@@ -5,6 +5,8 @@ r"""JAX vs PyTorch: one outer iteration of each data-free method, timed side by 
       [--warmup 2] [--threads 2] [--di_iters 20] [--di_student_steps 10] [--out_md FILE]
   python benchmarks/compare_torch.py --check [--pair lenet|resnet] [--methods ...]
   python benchmarks/compare_torch.py --methods deepinversion --conv_grads xla
+  python benchmarks/compare_torch.py --memory --methods pre_dfkd --batch 256 \
+      --config_arg faithful --set generator.ngf=64 --set distill.student_steps=10 [...]
 
 Needs PyTorch (CPU): `pip install -e '.[bench]'` (or `pip install 'torch<=2.13.0' --index-url
 https://download.pytorch.org/whl/cpu`). PyTorch is never imported by the package itself; the
@@ -53,6 +55,21 @@ framework (after `malloc_trim(0)`, sampled from /proc/self/statm every 2 ms: a l
 the process's RSS high-water mark (resource.getrusage, both frameworks together, compilation
 included).
 
+`--config_arg` and `--set FIELD=VALUE` (repeatable) change the config of both sides alike (the
+PyTorch twin reads the same config): e.g. the official PRE-DFKD per-iteration work is
+`--methods pre_dfkd --batch 256 --config_arg faithful --set generator.ngf=64 --set
+distill.latent_dim=1000 --set distill.student_steps=10 --set pre_dfkd.vae_steps=4 --set
+pre_dfkd.vae_latent_dim=1000 --set pre_dfkd.memory_batch=32`.
+
+`--memory` measures memory instead of time, each framework x method in a fresh process (so one
+framework's high-water mark cannot hide the other's): RSS after set-up (both frameworks imported,
+the models and state built, the other framework's caches dropped), the peak RSS sampled while
+JAX traces and compiles the step (trace and compile timed apart), the peak over the first call
+and `--repeats` iterations, and the step's peak growth over the set-up RSS (the memory the step
+itself needs, compilation included); with XLA's temp buffers. `--compile_cache DIR` gives the JAX
+side the persistent compilation cache (a second run loads the step instead of compiling it).
+XLA flags (`XLA_FLAGS=...`) reach the child processes.
+
 `--check` (and tests/benchmarks/test_compare_torch.py): the numerical parity check of
 `torch_ref.parity.check_method` instead of timing (tiny config, same weights and random draws,
 two outer iterations; the first to `--rtol`, the second to `--rtol_later`).
@@ -91,7 +108,7 @@ import torch  # noqa: E402
 
 import profile_step  # noqa: E402
 from torch_ref.parity import METHODS, PAIR_NAMES, _HostState  # noqa: E402
-from torch_ref.parity import check_method, jax_config, jax_setup, random_teacher  # noqa: E402
+from torch_ref.parity import check_method, jax_setup, random_teacher  # noqa: E402
 from dfkd_jax import numerics as numerics_lib  # noqa: E402
 
 
@@ -158,8 +175,7 @@ def work_description(method, config) -> str:
 
 
 def time_method(method, args):
-  config = jax_config(method, batch=args.batch, di_iters=args.di_iters,
-                      di_student_steps=args.di_student_steps, pair=args.pair)
+  config = profile_step.step_config(method, args)
   step, state = jax_setup(config, random_teacher(pair=args.pair), pair=args.pair)
   runner = TorchMethod(method, config, _HostState(state))
   rng = TorchRandom()
@@ -198,6 +214,110 @@ def time_method(method, args):
           "xla_temp": xla[0] if xla else None, "xla_args": xla[1] if xla else None,
           "rss_jax": mem_j.delta, "rss_torch": mem_t.delta,
           "load": (load0, os.getloadavg()[0])}
+
+
+# ============================================================================ memory
+
+
+def _trim():
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
+
+
+def memory_child(framework: str, method: str, args) -> dict:
+  """One framework's memory in this (fresh) process: RSS after set-up (both frameworks imported,
+  models and state built), the peak while compiling (JAX: trace + XLA compile, timed apart), the
+  peak over the first call + `--repeats` iterations, XLA's buffer assignment, the high-water."""
+  import gc  # pylint: disable=g-import-not-at-top
+  config = profile_step.step_config(method, args)
+  step, state = jax_setup(config, random_teacher(pair=args.pair), pair=args.pair)
+  out = {"framework": framework, "method": method}
+  if framework == "torch":
+    runner, rng = TorchMethod(method, config, _HostState(state)), TorchRandom()
+    del state, step
+    gc.collect()
+    jax.clear_caches()
+    run = lambda: runner.step(rng)  # noqa: E731
+  _trim()
+  out["rss_setup"] = _rss_bytes()
+  if framework == "jax":
+    t0 = time.perf_counter()
+    with RSSPeak() as mem:
+      lowered = step.lower(state)
+      t1 = time.perf_counter()
+      compiled = lowered.compile()
+    out["trace_s"], out["compile_s"] = t1 - t0, time.perf_counter() - t1
+    out["rss_compile_peak"] = mem.peak
+    ma = compiled.memory_analysis()
+    out.update(xla_temp=ma.temp_size_in_bytes, xla_args=ma.argument_size_in_bytes,
+               xla_code=ma.generated_code_size_in_bytes)
+    del lowered
+    gc.collect()
+    _trim()
+    out["rss_after_compile"] = _rss_bytes()
+
+    def run():
+      nonlocal state
+      state, m = compiled(state)
+      jax.block_until_ready((state, m))
+  times = []
+  with RSSPeak() as mem:
+    for _ in range(args.repeats + 1):
+      t0 = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - t0)
+  out["first_s"], out["step_s"] = times[0], statistics.median(times[1:])
+  out["rss_run_peak"] = mem.peak
+  out["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return out
+
+
+MEMORY_HEAD = (
+    "| method | framework | RSS after set-up (MiB) | peak while compiling | peak while running | "
+    "step's peak growth | XLA temp / code (MiB) | trace + compile (s) | median iteration (s) |\n"
+    "|---|---|---|---|---|---|---|---|---|")
+
+
+def memory_row(r) -> str:
+  base, jax_side = r["rss_setup"], r["framework"] == "jax"
+  peak = max(r.get("rss_compile_peak", 0), r["rss_run_peak"])
+  compile_peak = _mib(r["rss_compile_peak"]) if jax_side else "-"
+  xla = f"{_mib(r['xla_temp'])} / {_mib(r['xla_code'])}" if jax_side else "-"
+  compile_s = f"{r['trace_s']:.1f} + {r['compile_s']:.1f}" if jax_side else "-"
+  return (f"| {r['method']} | {r['framework']} | {_mib(base)} | {compile_peak} | "
+          f"{_mib(r['rss_run_peak'])} | **{_mib(peak - base)}** | {xla} | {compile_s} | "
+          f"{r['step_s']:.3f} |")
+
+
+def _drop_flag(argv, flag):
+  """`argv` without `flag` and its value (either `flag value` or `flag=value`)."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == flag:
+      skip = True
+    elif not a.startswith(flag + "="):
+      out.append(a)
+  return out
+
+
+def memory_table(methods, frameworks, argv) -> list[str]:
+  """Runs `memory_child` for each method x framework in a fresh process; returns table rows."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  rows = []
+  for m in methods:
+    for fw in frameworks:
+      cmd = [sys.executable, os.path.abspath(__file__), *argv, "--methods", m,
+             "--memory_child", fw]
+      res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+      r = json.loads(res.stdout.strip().splitlines()[-1])
+      rows.append(memory_row(r))
+      print(rows[-1], flush=True)
+  return rows
 
 
 def _mib(b):
@@ -242,6 +362,14 @@ def main(argv=None):
                  "step) with these arguments instead")
   p.add_argument("--conv_loop_demo", action="store_true",
                  help="run benchmarks/profile_step.py --conv_loop_demo instead")
+  p.add_argument("--memory", action="store_true",
+                 help="memory instead of time: each framework x method in a fresh process")
+  p.add_argument("--frameworks", default="jax,torch", help="memory: which sides to measure")
+  p.add_argument("--compile_cache", default="off",
+                 help="memory: JAX's persistent compilation cache folder for the JAX side "
+                 "(run twice: the second run loads the step instead of compiling it)")
+  p.add_argument("--memory_child", default="", choices=("", "jax", "torch"),
+                 help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.profile or args.conv_loop_demo:  # moved to benchmarks/profile_step.py
     return profile_step.main(sys.argv[1:] if argv is None else argv)
@@ -252,6 +380,12 @@ def main(argv=None):
   for m in methods:
     if m not in METHODS:
       raise SystemExit(f"Unknown method {m!r}; valid: {', '.join(METHODS)}.")
+  if args.memory_child:
+    import json  # pylint: disable=g-import-not-at-top
+    from dfkd_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+    compile_lib.enable_cache(args.compile_cache)
+    print(json.dumps(memory_child(args.memory_child, methods[0], args)), flush=True)
+    return 0
   header = (f"Machine: {machine()}; date {datetime.date.today()}; "
             f"pair {PAIR_NAMES[args.pair]}; command: python " + " ".join(sys.argv))
   print(header, flush=True)
@@ -268,6 +402,15 @@ def main(argv=None):
               f"{'yes' if ok else 'NO'} |", flush=True)
     print(f"\n{'All metrics agree' if not failed else f'{failed} metrics differ'}.")
     return 1 if failed else 0
+  if args.memory:
+    argv_rest = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--memory"]
+    argv_rest = _drop_flag(_drop_flag(argv_rest, "--methods"), "--frameworks")
+    print("\n" + MEMORY_HEAD, flush=True)
+    rows = memory_table(methods, args.frameworks.split(","), argv_rest)
+    if args.out_md:
+      with open(args.out_md, "w", encoding="utf-8") as f:
+        f.write(header + "\n\n" + MEMORY_HEAD + "\n" + "\n".join(rows) + "\n")
+    return 0
   lines = [TABLE_HEAD]
   print("\n" + TABLE_HEAD, flush=True)
   for m in methods:

@@ -60,9 +60,7 @@ def profile_jax(method, args, iterations: int = 3, top: int = 15) -> str:
   import re  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   import chex  # pylint: disable=g-import-not-at-top
-  config = jax_config(method, batch=args.batch, di_iters=args.di_iters,
-                      di_student_steps=args.di_student_steps, pair=args.pair)
-  step, state = jax_setup(config, pair=args.pair)
+  step, state = jax_setup(step_config(method, args), pair=args.pair)
   for _ in range(2):
     state, m = step(state)
     jax.block_until_ready((state, m))
@@ -206,6 +204,17 @@ def add_step_flags(p: argparse.ArgumentParser):
                  help="DeepInversion student steps per round")
   p.add_argument("--conv_grads", default="auto", choices=("auto", "canonical", "xla"),
                  help="dfkd_jax.models.conv gradient mode of the JAX side (xla: JAX's own)")
+  p.add_argument("--config_arg", default="",
+                 help="more config-string arguments, e.g. faithful (PRE-DFKD's official quirks)")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="config override applied last, e.g. --set generator.ngf=64 (repeatable)")
+
+
+def step_config(method: str, args):
+  """The JAX config of `method` chosen by the flags of `add_step_flags`."""
+  return jax_config(method, batch=args.batch, di_iters=args.di_iters,
+                    di_student_steps=args.di_student_steps, pair=args.pair,
+                    config_arg=args.config_arg, overrides=args.set)
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ import numpy as np
 
 from dfkd_jax.cli import demo
 from dfkd_jax.train import distill
+from dfkd_jax import config_blocks
 from dfkd_jax import models
 from dfkd_jax import parallel
 from dfkd_jax import state as state_lib
@@ -51,11 +52,17 @@ def _pair(pair: str) -> tuple[str, str, str]:
 
 
 def jax_config(method: str, batch: int | None = None, tiny: bool = False, di_iters: int = 20,
-               di_student_steps: int = 10, pair: str = "lenet"):
+               di_student_steps: int = 10, pair: str = "lenet", config_arg: str = "",
+               overrides=()):
   """The Fashion-MNIST config of `method` for `pair` (CPU budgets), optionally tiny: the
   LeNet-5 config (lenet) or the ResNet-20 -> ResNet-8 config (resnet), with their own
-  inner-loop settings (the resnet config unrolls every student repeat, DeepInversion's too)."""
-  config = demo.load_config(_pair(pair)[0], f"method={method}" + (",tiny" if tiny else ""))
+  inner-loop settings (the resnet config unrolls every student repeat, DeepInversion's too).
+
+  `config_arg`: more config-string arguments (e.g. "faithful"); `overrides`: "field.path=value"
+  strings applied last (after `batch` and the DeepInversion budgets), so they win.
+  """
+  arg = ",".join(a for a in (f"method={method}", "tiny" if tiny else "", config_arg) if a)
+  config = demo.load_config(_pair(pair)[0], arg)
   if batch is not None:
     config.distill.batch_size = batch
     if method in ("mb_dfkd", "pre_dfkd"):
@@ -68,6 +75,8 @@ def jax_config(method: str, batch: int | None = None, tiny: bool = False, di_ite
   if method == "deepinversion":
     config.deepinversion.pool_size = max(config.deepinversion.pool_size,
                                          config.distill.batch_size)
+  for item in overrides:
+    config_blocks.set_dotted(config, item)
   return config
 
 

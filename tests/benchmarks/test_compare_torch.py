@@ -123,3 +123,20 @@ def test_resnet_forward_matches_torch():
   _, _, order = bn_stats.capture_bn_inputs(teacher.apply_fn, teacher.variables, x, train=False)
   assert [names[m] for m, *_ in capture.stats] == ["/".join(p) for p in order]
   assert len(order) == 1 + 3 * 3 * 2 + 2  # stem, two per block, two projection shortcuts
+
+
+def test_config_arguments_and_overrides_reach_the_compared_config():
+  config = parity.jax_config("pre_dfkd", batch=256, config_arg="faithful",
+                             overrides=["generator.ngf=64", "pre_dfkd.memory_batch=32"])
+  assert config.generator.bn_eps == 0.8  # faithful
+  assert config.pre_dfkd.leak_z_grad_into_vae
+  assert config.distill.batch_size == 256 and config.generator.ngf == 64
+  assert config.pre_dfkd.memory_batch == 32  # the override wins over batch // 8
+  with pytest.raises(Exception, match="no_such_field"):
+    parity.jax_config("dafl", overrides=["distill.no_such_field=1"])
+
+
+def test_memory_mode_passes_every_other_flag_to_its_children():
+  import compare_torch  # pylint: disable=g-import-not-at-top
+  argv = ["--batch", "64", "--methods", "dafl,dfad", "--set=generator.ngf=8", "--methods=x"]
+  assert compare_torch._drop_flag(argv, "--methods") == ["--batch", "64", "--set=generator.ngf=8"]

@@ -90,9 +90,10 @@ def test_cli_rejects_unknown_method(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("method,paper_term", [("dfad", "adv"), ("dafl", "oh")])
-def test_dfad_and_dafl_match_batchnorm_statistics_unless_faithful(method, paper_term):
+@pytest.mark.parametrize("method,paper_term,bn", [("dfad", "adv", 1.0), ("dafl", "oh", 1.0),
+                                                  ("pre_dfkd", "oh", 10.0)])
+def test_generator_hosts_match_batchnorm_statistics_unless_faithful(method, paper_term, bn):
   default = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method={method}")
   faithful = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method={method},faithful")
-  assert default.loss.bn == 1.0 and default.loss[paper_term] == 1.0
+  assert default.loss.bn == bn and default.loss[paper_term] == 1.0
   assert faithful.loss.bn == 0.0 and faithful.loss[paper_term] == 1.0

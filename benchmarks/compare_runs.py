@@ -14,8 +14,8 @@ import json
 import os
 import sys
 
-# Fields that measure time, not the computation.
-_CLOCK_WORDS = ("time", "second", "clock", "per_s", "it/s", "eta")
+# Fields that measure the machine (time, memory), not the computation.
+_CLOCK_WORDS = ("time", "second", "clock", "per_s", "it/s", "eta", "rss")
 
 
 def logged_series(run_dir: str) -> list[dict]:

@@ -152,7 +152,22 @@ def time_to(clock, acc, threshold: float):
   return None
 
 
-def run_record(summary: dict, config, thresholds, points) -> dict:
+def rss_series(workdir: str | None) -> dict | None:
+  """(steps, host RSS in MiB) logged in the run's metrics.jsonl: memory against run length."""
+  path = os.path.join(workdir or "", "metrics.jsonl")
+  if not workdir or not os.path.exists(path):
+    return None
+  steps, mib = [], []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      r = json.loads(line)
+      if "host_rss_mib" in r and (not steps or r["step"] > steps[-1]):
+        steps.append(r["step"])
+        mib.append(r["host_rss_mib"])
+  return {"steps": steps, "mib": mib} if steps else None
+
+
+def run_record(summary: dict, config, thresholds, points, workdir: str | None = None) -> dict:
   clock, acc = summary.get("eval_clock_seconds") or [], summary.get("accuracy_series") or []
   return {
       "seed": summary["seed"], "num_iters_planned": config.distill.num_iters,
@@ -163,6 +178,8 @@ def run_record(summary: dict, config, thresholds, points) -> dict:
       "at_seconds": at_points(clock, acc, points),
       "time_to": {f"{t:g}": time_to(clock, acc, t) for t in thresholds},
       "series": {"seconds": clock, "accuracy": acc},
+      "host_peak_rss_bytes": summary.get("host_peak_rss_bytes"),
+      "rss": rss_series(workdir),
       **({"ema": {"final": summary["ema"]["final"], "mu": summary["ema"]["mu"],
                   "decay": summary["ema"]["decay"],
                   "at_seconds": at_points(clock, summary["ema"]["accuracy_series"], points),
@@ -355,7 +372,7 @@ def main(argv=None) -> int:
             f"{args.budget} s", flush=True)
       summary = _train(config, workdir)
       result["teacher_accuracy"] = summary.get("teacher_accuracy")
-      records.append(run_record(summary, config, thresholds, points))
+      records.append(run_record(summary, config, thresholds, points, workdir))
     result["methods"][name] = {"runs": records,
                                "summary": aggregate(records, points, thresholds),
                                "rate": rate, "commit": commit, "overrides": list(args.set),

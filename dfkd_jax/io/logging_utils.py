@@ -14,6 +14,26 @@ from dfkd_jax import parallel
 from dfkd_jax.io import files
 
 
+def host_rss_bytes() -> int | None:
+  """This process's resident memory now (Linux /proc; None elsewhere): read on the host, no
+  device synchronisation."""
+  try:
+    with open("/proc/self/statm", encoding="ascii") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def host_peak_rss_bytes() -> int | None:
+  """This process's resident-memory high-water mark (getrusage; None where unavailable)."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top  (POSIX only)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  except (ImportError, OSError):
+    return None
+  return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
 def _scalar(v):
   v = np.asarray(v)
   return float(v) if v.size == 1 else v
@@ -74,6 +94,9 @@ class RunLogger:
     scalars = {k: _scalar(v) for k, v in scalars.items()}
     record = {"step": int(step), "time": time.time(), **{
         k: v for k, v in scalars.items() if np.ndim(v) == 0}}
+    rss = host_rss_bytes()
+    if rss is not None:  # the machine, like "time": memory against run length
+      record["host_rss_mib"] = round(rss / 2 ** 20, 1)
     if self._jsonl is not None:
       self._jsonl.write(json.dumps(record) + "\n")
       self._jsonl.flush()

@@ -177,6 +177,9 @@ class Result:
         "eval_clock_seconds": h["eval_clock"], "clock_seconds": h.get("clock_seconds"),
         "stopped_by_time_budget": self.stopped_by_time_budget,
         "compile_seconds": self.compile_seconds, "peak_bytes": peak,
+        # this process's resident-memory high-water mark (host RAM; on CPU, the run's memory);
+        # metrics.jsonl has the current value at every logged step (host_rss_mib)
+        "host_peak_rss_bytes": logging_utils.host_peak_rss_bytes(),
         # every launch that trained (a resumed run has several): its steps, compilation and
         # training seconds; train_seconds above is their sum, compilation included
         "launches": h.get("launches", []),

@@ -1,4 +1,5 @@
 """The time-to-accuracy benchmark's bookkeeping (benchmarks/time_to_accuracy.py)."""
+import json
 import os
 import sys
 
@@ -88,3 +89,16 @@ def test_student_ema_is_recorded_and_gets_its_own_table_row():
   lines = tta.markdown_table(result).splitlines()
   assert lines[2].startswith("| dfad | 2 | 80.00 ± 0.00 |")
   assert lines[3].startswith("| dfad, student EMA | 2 | 83.00 ± 1.00 | 72.00 ± 0.00 |")
+
+
+def test_memory_against_run_length_is_read_from_the_log(tmp_path):
+  records = [{"step": 5, "time": 1.0, "host_rss_mib": 900.5}, {"step": 5, "test/accuracy": 50.0},
+             {"step": 10, "time": 2.0, "host_rss_mib": 901.0, "loss": 1.0}]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+  assert tta.rss_series(str(tmp_path)) == {"steps": [5, 10], "mib": [900.5, 901.0]}
+  assert tta.rss_series(str(tmp_path / "missing")) is None
+  summary = {"seed": 0, "iterations": 10, "final": 50.0, "mu": 50.0, "best": 50.0,
+             "host_peak_rss_bytes": 2 ** 30}
+  config = tta.load_config(tta.CONFIG, "method=dfad,tiny")
+  record = tta.run_record(summary, config, [80.0], [60], str(tmp_path))
+  assert record["host_peak_rss_bytes"] == 2 ** 30 and record["rss"]["mib"] == [900.5, 901.0]

@@ -44,7 +44,8 @@ def _close(a, b, rtol):
   assert [r["step"] for r in a] == [r["step"] for r in b]
   for ra, rb in zip(a, b):
     for k, v in ra.items():
-      if k not in ("time", "test/accuracy", "train_accuracy") and isinstance(v, float):
+      if k not in ("time", "host_rss_mib", "test/accuracy", "train_accuracy") and \
+          isinstance(v, float):
         assert rb[k] == pytest.approx(v, rel=rtol, abs=1e-6), (ra["step"], k)
 
 

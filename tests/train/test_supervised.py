@@ -69,6 +69,10 @@ def test_teacher_run_outputs(teacher_run):
   assert records
   assert [r["step"] for r in records if "loss" in r] == list(range(4, _NUM_STEPS + 1, 4))
   assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+  # memory against run length: the process's RSS at every logged step, and its peak
+  rss = [r["host_rss_mib"] for r in records]
+  assert all(50 < m < 64 * 1024 for m in rss)
+  assert summary["host_peak_rss_bytes"] >= max(rss) * 2 ** 20 * 0.999
   assert records[-1]["test/accuracy"] == summary["test_accuracy"]
 
   events = glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))

@@ -18,6 +18,11 @@ The markdown table of result files (for RESULTS.md and the README):
 
   python benchmarks/time_to_accuracy.py table benchmarks/results/tta_lenet5_300s.json
 
+and the README's result tables, each between `<!-- tta: benchmarks/results/FILE.json -->` and
+`<!-- /tta -->`, regenerated in place from the committed files:
+
+  python benchmarks/time_to_accuracy.py readme
+
 Runs live in `--workdir/<budget>s/<method>/seed<k>`; a finished run is not repeated, a killed one
 resumes. Test accuracy is only reported, never used to choose anything.
 """
@@ -28,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -277,23 +283,55 @@ def _table_row(name, s, used, points, thresholds) -> str:
   return "| " + " | ".join(cells) + " |"
 
 
+def result_section(path: str) -> str:
+  """The commands (with date and commit) and the markdown table of one result file."""
+  with open(path, encoding="utf-8") as f:
+    result = json.load(f)
+  lines = [f"Budget {result['budget_seconds']} s of training per run (schedules sized by a "
+           f"calibration run; 'training s used' is what the runs took), {result['machine']}; "
+           f"teacher {result.get('teacher_accuracy')} %. Commands (date, commit):"]
+  for m, e in result["methods"].items():
+    lines.append(f"- {m}: `{e.get('command', result['command'])}` "
+                 f"({e.get('date', result['date'])}, {e.get('commit', result['commit'])})")
+  return "\n".join(lines) + "\n\n" + markdown_table(result)
+
+
+BLOCK_RE = re.compile(r"(<!-- tta: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /tta -->)", re.S)
+
+
+def refresh_blocks(path: str) -> int:
+  """Rewrites every `<!-- tta: FILE.json -->` ... `<!-- /tta -->` block of the markdown file
+  `path` with `result_section(FILE.json)` (FILE relative to the repository root); returns the
+  number of blocks. The prose around the blocks is left alone."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  count = 0
+
+  def body(m):
+    nonlocal count
+    count += 1
+    return m.group(1) + result_section(os.path.join(ROOT, m.group("path"))) + "\n" + m.group(4)
+
+  text = BLOCK_RE.sub(body, text)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+  return count
+
+
 def main(argv=None) -> int:
   if argv is None:
     argv = sys.argv[1:]
   if argv and argv[0] == "table":
     # python benchmarks/time_to_accuracy.py table <result.json> ...: the markdown tables
     for path in argv[1:]:
-      with open(path, encoding="utf-8") as f:
-        result = json.load(f)
-      print(f"Budget {result['budget_seconds']} s of training per run (schedules sized by a "
-            f"calibration run; 'training s used' is what the runs took), {result['machine']}; "
-            f"teacher {result.get('teacher_accuracy')} %. Commands (date, commit):")
-      for m, e in result["methods"].items():
-        print(f"- {m}: `{e.get('command', result['command'])}` ({e.get('date', result['date'])}, "
-              f"{e.get('commit', result['commit'])})")
-      print()
-      print(markdown_table(result) + "\n")
+      print(result_section(path) + "\n")
     return 0
+  if argv and argv[0] == "readme":
+    # python benchmarks/time_to_accuracy.py readme [README.md]: refresh its result blocks
+    path = argv[1] if len(argv) > 1 else os.path.join(ROOT, "README.md")
+    n = refresh_blocks(path)
+    print(f"{path}: {n} result block(s) regenerated")
+    return 0 if n else 1
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--methods", required=True, help="comma-separated data-free methods")
   parser.add_argument("--budget", type=int, default=300, help="training seconds per run")

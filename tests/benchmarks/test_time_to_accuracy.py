@@ -102,3 +102,16 @@ def test_memory_against_run_length_is_read_from_the_log(tmp_path):
   config = tta.load_config(tta.CONFIG, "method=dfad,tiny")
   record = tta.run_record(summary, config, [80.0], [60], str(tmp_path))
   assert record["host_peak_rss_bytes"] == 2 ** 30 and record["rss"]["mib"] == [900.5, 901.0]
+
+
+def test_readme_blocks_are_regenerated_from_their_result_files(tmp_path):
+  doc = tmp_path / "README.md"
+  name = "benchmarks/results/tta_lenet5_900s.json"
+  doc.write_text(f"intro\n<!-- tta: {name} -->\nstale table\n<!-- /tta -->\noutro\n")
+  assert tta.main(["readme", str(doc)]) == 0
+  text = doc.read_text()
+  assert "stale table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+  assert tta.result_section(os.path.join(helpers.REPO_ROOT, name)) in text
+  assert "| fast | 3 |" in text
+  doc.write_text("no blocks\n")
+  assert tta.main(["readme", str(doc)]) == 1

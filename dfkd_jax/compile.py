@@ -35,10 +35,6 @@ import jax
 from dfkd_jax import numerics as numerics_lib
 
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-# XLA:CPU's concurrency-optimised scheduler starts independent work early, so the unrolled inner
-# steps of a method keep each other's buffers alive: off, a PRE-DFKD step at the official
-# per-iteration work needs 679 MiB of XLA temp buffers instead of 1973 (benchmarks/RESULTS.md §13).
-SCHEDULER_OPTION = "xla_cpu_enable_concurrency_optimized_scheduler"
 
 
 @functools.cache
@@ -48,10 +44,9 @@ def _supported(options: tuple[tuple[str, str], ...]) -> bool:
     return True
   except Exception as e:  # pylint: disable=broad-except
     warnings.warn(f"dfkd_jax: XLA:CPU rejected the compiler options {dict(options)} ({e}); "
-                  "using XLA's default for it (convolutions may be about 2x slower, or steps "
-                  "need more memory). Set numerics.xla_cpu_ynn='default' "
-                  "(DFKD_XLA_CPU_YNN=default) or numerics.xla_cpu_scheduler='default' "
-                  "(DFKD_XLA_CPU_SCHEDULER=default) to silence this.", stacklevel=3)
+                  "using XLA's defaults (convolutions may be about 2x slower). Set "
+                  "numerics.xla_cpu_ynn='default' (DFKD_XLA_CPU_YNN=default) to silence this.",
+                  stacklevel=3)
     return False
 
 
@@ -59,14 +54,12 @@ def compiler_options() -> dict[str, Any] | None:
   """The compiler options for a jitted step on the default backend (None: XLA's own)."""
   if jax.default_backend() != "cpu":
     return None
-  current = numerics_lib.current()
-  options = []
-  if current.xla_cpu_ynn != "default":  # the empty list: no YNNPACK fusions
-    options.append((YNN_OPTION, "" if current.xla_cpu_ynn == "none" else current.xla_cpu_ynn))
-  if current.xla_cpu_scheduler == "memory":
-    options.append((SCHEDULER_OPTION, False))
-  options = [o for o in options if _supported((o,))]
-  return dict(options) or None
+  value = numerics_lib.current().xla_cpu_ynn
+  if value == "default":
+    return None
+  value = "" if value == "none" else value  # the empty list: no YNNPACK fusions
+  options = ((YNN_OPTION, value),)
+  return dict(options) if _supported(options) else None
 
 
 def jit(fun: Callable[..., Any], **kwargs) -> Callable[..., Any]:

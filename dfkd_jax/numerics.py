@@ -1,7 +1,7 @@
 """The numerics settings of a run, as one explicit object: how convolution gradients and
 training-mode BatchNorm are emitted, and which XLA:CPU compiler options the steps get.
 
-Four switches decide how fast (and how large) the CPU steps are, and whether a run is bit-comparable with
+Three switches decide how fast the CPU steps are, and whether a run is bit-comparable with
 plain JAX/Flax (`models/conv.py`, `models/norm.py`, `compile.py` say why each exists):
 
 - `conv_grads`: "auto" (the canonical-layout convolution VJP on CPU, JAX's own elsewhere),
@@ -10,13 +10,10 @@ plain JAX/Flax (`models/conv.py`, `models/norm.py`, `compile.py` say why each ex
 - `xla_cpu_ynn`: the XLA:CPU YNNPACK fusion option for jitted steps: "none" (no YNNPACK
   fusions, the default), "default" (XLA's own choice), or an enum name such as
   `LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`.
-- `xla_cpu_scheduler`: "memory" (the default: XLA:CPU's concurrency-optimised scheduler off, so
-  the unrolled inner steps do not keep each other's buffers alive; benchmarks/RESULTS.md §13)
-  or "default" (XLA's own). It orders the same operations differently: no effect on values.
 
 A run chooses them once (`from_config`: the config's `numerics` block, where an empty field
 falls back to the environment variables `DFKD_CONV_GRADS`, `DFKD_BATCH_NORM`, `DFKD_XLA_CPU_YNN`,
-`DFKD_XLA_CPU_SCHEDULER`, then to the defaults above) and scopes them with `use(numerics)` around everything it traces;
+then to the defaults above) and scopes them with `use(numerics)` around everything it traces;
 nothing global is mutated. The models read `current()` when they are traced, `compile.jit`
 when a step is built, so a step keeps the numerics it was built and traced under. Every
 summary.json and model.json records `current().to_dict()`.
@@ -31,9 +28,8 @@ from typing import Iterator, Mapping
 
 CONV_GRADS = ("auto", "canonical", "xla")
 BATCH_NORM = ("auto", "xla")
-XLA_CPU_SCHEDULER = ("memory", "default")
 _ENV = {"conv_grads": "DFKD_CONV_GRADS", "batch_norm": "DFKD_BATCH_NORM",
-        "xla_cpu_ynn": "DFKD_XLA_CPU_YNN", "xla_cpu_scheduler": "DFKD_XLA_CPU_SCHEDULER"}
+        "xla_cpu_ynn": "DFKD_XLA_CPU_YNN"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +38,9 @@ class Numerics:
   conv_grads: str = "auto"
   batch_norm: str = "auto"
   xla_cpu_ynn: str = "none"
-  xla_cpu_scheduler: str = "memory"
 
   def __post_init__(self):
-    for field, allowed in (("conv_grads", CONV_GRADS), ("batch_norm", BATCH_NORM),
-                           ("xla_cpu_scheduler", XLA_CPU_SCHEDULER)):
+    for field, allowed in (("conv_grads", CONV_GRADS), ("batch_norm", BATCH_NORM)):
       value = getattr(self, field)
       if value not in allowed:
         raise ValueError(f"numerics.{field} must be one of {allowed}, got {value!r} (set "
@@ -66,7 +60,7 @@ class Numerics:
 
   @classmethod
   def from_config(cls, config, environ: Mapping[str, str] | None = None) -> "Numerics":
-    """`config.numerics` (a block of the four fields; empty ones and a missing block fall
+    """`config.numerics` (a block of the three fields; empty ones and a missing block fall
     back to `from_env`)."""
     base = cls.from_env(environ)
     block = config.get("numerics", None) if hasattr(config, "get") else None

@@ -18,30 +18,8 @@ def _conv_grad(x, w):
 
 
 @pytest.mark.skipif(not _CPU, reason="CPU-only options")
-def test_default_options_turn_the_concurrency_scheduler_off(numerics_scope):
-  numerics_scope(xla_cpu_ynn="default", xla_cpu_scheduler="memory")
-  assert compile_lib.compiler_options() == {compile_lib.SCHEDULER_OPTION: False}
-  numerics_scope(xla_cpu_ynn="none")
-  assert compile_lib.compiler_options() == {compile_lib.YNN_OPTION: "",
-                                            compile_lib.SCHEDULER_OPTION: False}
-
-  # Eight independent matrix products whose results are summed: the default scheduler starts
-  # them all at once (eight temporaries alive), the memory-ordered one reduces as it goes.
-  def many(x):
-    return sum(jnp.tanh((x + i) @ x) for i in range(8))
-
-  x = jnp.ones((256, 256))
-  temp = {}
-  for scheduler in ("memory", "default"):
-    numerics_scope(xla_cpu_ynn="none", xla_cpu_scheduler=scheduler)
-    compiled = compile_lib.jit(many).lower(x).compile()
-    temp[scheduler] = compiled.memory_analysis().temp_size_in_bytes
-  assert temp["memory"] <= temp["default"], temp
-
-
-@pytest.mark.skipif(not _CPU, reason="CPU-only options")
 def test_default_options_turn_ynnpack_off(numerics_scope):
-  numerics_scope(xla_cpu_ynn="none", xla_cpu_scheduler="default")
+  numerics_scope(xla_cpu_ynn="none")
   assert compile_lib.compiler_options() == {compile_lib.YNN_OPTION: ""}
   x, w = jnp.ones((8, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
   fn = compile_lib.jit(_conv_grad)
@@ -52,18 +30,15 @@ def test_default_options_turn_ynnpack_off(numerics_scope):
 
 
 def test_default_value_keeps_xla_defaults(numerics_scope):
-  numerics_scope(xla_cpu_ynn="default", xla_cpu_scheduler="default")
+  numerics_scope(xla_cpu_ynn="default")
   assert compile_lib.compiler_options() is None
 
 
 @pytest.mark.skipif(not _CPU, reason="CPU-only options")
 def test_rejected_option_warns_and_falls_back(numerics_scope):
-  numerics_scope(xla_cpu_ynn="NOT_A_FUSION_TYPE", xla_cpu_scheduler="default")
+  numerics_scope(xla_cpu_ynn="NOT_A_FUSION_TYPE")
   with pytest.warns(UserWarning, match="DFKD_XLA_CPU_YNN=default"):
     assert compile_lib.compiler_options() is None
-  numerics_scope(xla_cpu_ynn="NOT_A_FUSION_TYPE", xla_cpu_scheduler="memory")
-  # the accepted option is kept (the rejected one was checked, and warned about, once)
-  assert compile_lib.compiler_options() == {compile_lib.SCHEDULER_OPTION: False}
   fn = compile_lib.jit(lambda a: a * 2)
   assert float(fn(jnp.float32(3))) == 6.0
 

@@ -12,13 +12,10 @@ from dfkd_jax.models import conv as conv_lib
 def test_environment_then_config_then_scope():
   env = {"DFKD_CONV_GRADS": "xla", "DFKD_XLA_CPU_YNN": "default"}
   assert numerics.Numerics.from_env(env) == numerics.Numerics("xla", "auto", "default")
-  assert numerics.Numerics.from_env({"DFKD_XLA_CPU_SCHEDULER": "default"}).xla_cpu_scheduler \
-      == "default"
   config = ml_collections.ConfigDict(
       {"numerics": {"conv_grads": "", "batch_norm": "xla", "xla_cpu_ynn": ""}})
   chosen = numerics.Numerics.from_config(config, env)
-  assert chosen.to_dict() == {"conv_grads": "xla", "batch_norm": "xla", "xla_cpu_ynn": "default",
-                              "xla_cpu_scheduler": "memory"}
+  assert chosen.to_dict() == {"conv_grads": "xla", "batch_norm": "xla", "xla_cpu_ynn": "default"}
   # A config without the block (an older config.json) takes the environment's.
   assert numerics.Numerics.from_config(ml_collections.ConfigDict(), {}) == numerics.Numerics()
 
@@ -55,7 +52,7 @@ def test_models_and_compiler_read_the_scoped_settings():
   with numerics.use(conv_grads="canonical"):
     assert "custom_vjp" in grad_jaxpr()
   if jax.default_backend() == "cpu":
-    with numerics.use(xla_cpu_ynn="default", xla_cpu_scheduler="default"):
+    with numerics.use(xla_cpu_ynn="default"):
       assert compile_lib.compiler_options() is None
-    with numerics.use(xla_cpu_ynn="none", xla_cpu_scheduler="default"):
+    with numerics.use(xla_cpu_ynn="none"):
       assert compile_lib.compiler_options() == {compile_lib.YNN_OPTION: ""}

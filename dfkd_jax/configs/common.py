@@ -67,8 +67,7 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.max_to_keep = 2
   # How convolution gradients, training-mode BatchNorm and XLA:CPU options are emitted
   # (dfkd_jax.numerics); "" -> the DFKD_* environment variable, else the default.
-  c.numerics = ml_collections.ConfigDict(dict(conv_grads="", batch_norm="", xla_cpu_ynn="",
-                                              xla_cpu_scheduler=""))
+  c.numerics = ml_collections.ConfigDict(dict(conv_grads="", batch_norm="", xla_cpu_ynn=""))
   return c
 
 

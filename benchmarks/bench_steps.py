@@ -160,6 +160,8 @@ def time_method(pair: str, method: str, batch: int, repeats: int, ngf: int, di_i
 
 
 def main():
+  from dfkd_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  compile_lib.memory_scheduler()  # as the command lines do, before JAX starts its backends
   p = argparse.ArgumentParser()
   p.add_argument("--pairs", default="lenet,resnet")
   p.add_argument("--methods", default="dafl,dfad,zskt,deepinversion,adi")

@@ -345,6 +345,8 @@ def table_row(r) -> str:
 
 
 def main(argv=None):
+  from dfkd_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  compile_lib.memory_scheduler()  # as the command lines do, before JAX starts its backends
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--methods", default=",".join(METHODS))

@@ -68,6 +68,31 @@ def jit(fun: Callable[..., Any], **kwargs) -> Callable[..., Any]:
   return jax.jit(fun, **kwargs)
 
 
+# XLA:CPU's concurrency-optimised scheduler starts independent work early, so the unrolled inner
+# steps of a method keep each other's buffers alive: without it, a PRE-DFKD step at the official
+# per-iteration work needs 679 MiB of XLA temp buffers instead of 1973 at the same speed
+# (benchmarks/RESULTS.md §13). It is read when the CPU client starts (a per-compilation option of
+# the same name is accepted and ignored), so it is a process setting: `memory_scheduler()`.
+SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def memory_scheduler() -> bool:
+  """Turns XLA:CPU's concurrency-optimised scheduler off for this process, by adding
+  `--xla_cpu_enable_concurrency_optimized_scheduler=false` to `XLA_FLAGS`; returns whether the
+  flag is in effect. Only possible before JAX starts its backends (the command lines call it
+  first thing); a `XLA_FLAGS` that already names the flag is the user's choice and is kept
+  (`...=true` restores XLA's scheduler). The order of operations changes, their values do not
+  (every method's tiny run is bit-identical either way, RESULTS.md §13)."""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  flags = os.environ.get("XLA_FLAGS", "")
+  if SCHEDULER_FLAG in flags:
+    return f"{SCHEDULER_FLAG}=false" in flags.replace("False", "false")
+  if xla_bridge.backends_are_initialized():
+    return False
+  os.environ["XLA_FLAGS"] = (flags + f" --{SCHEDULER_FLAG}=false").strip()
+  return True
+
+
 CACHE_ENV = "DFKD_COMPILE_CACHE"
 
 

@@ -1,5 +1,7 @@
 """Tests of `dfkd_jax.compile`: per-compilation XLA:CPU options for the library's steps."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -114,3 +116,37 @@ def test_cache_off_changes_nothing(monkeypatch, tmp_path):
   assert compile_lib.enable_cache("off") is None
   assert jax.config.jax_compilation_cache_dir == before
   assert not (tmp_path / "cache").exists()
+
+
+_SCHEDULER_PROBE = """
+import os, sys
+from dfkd_jax import compile as compile_lib
+in_effect = compile_lib.memory_scheduler()
+import jax, jax.numpy as jnp
+late = compile_lib.memory_scheduler()  # the backends have started: too late to change
+def many(x):  # eight independent products: the concurrency scheduler keeps them all alive
+  return sum(jnp.tanh((x + i) @ x) for i in range(8))
+temp = jax.jit(many).lower(jnp.ones((256, 256))).compile().memory_analysis().temp_size_in_bytes
+print(in_effect, late, temp, os.environ.get("XLA_FLAGS", ""))
+"""
+
+
+@pytest.mark.skipif(not _CPU, reason="XLA:CPU scheduler")
+def test_memory_scheduler_is_a_process_setting_that_keeps_the_users_choice():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  def probe(xla_flags):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+      env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run([sys.executable, "-c", _SCHEDULER_PROBE], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout.split(maxsplit=3)
+    return out[0] == "True", out[1] == "True", int(out[2]), (out[3:] or [""])[0].strip()
+
+  ours = probe(None)
+  assert ours[:2] == (True, True) and ours[3] == f"--{compile_lib.SCHEDULER_FLAG}=false"
+  xla_default = probe(f"--{compile_lib.SCHEDULER_FLAG}=true")  # the user's choice is kept
+  assert xla_default[:2] == (False, False)
+  assert xla_default[3] == f"--{compile_lib.SCHEDULER_FLAG}=true"
+  assert ours[2] < xla_default[2], (ours, xla_default)

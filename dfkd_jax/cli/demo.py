@@ -54,6 +54,8 @@ def results_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def main(argv=None) -> int:
+  from dfkd_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  compile_lib.memory_scheduler()  # before JAX starts its backends
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default=None,
                       help="default runs/demo (runs/demo_tiny with --tiny)")

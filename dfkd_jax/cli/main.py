@@ -328,6 +328,8 @@ def _parse_flags(argv):
 
 
 def run():
+  from dfkd_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  compile_lib.memory_scheduler()  # before JAX starts its backends
   argv = sys.argv[1:]
   ours = argv[:argv.index("--")] if "--" in argv else argv
   if any(a in _HELP_FLAGS for a in ours):

@@ -319,6 +319,8 @@ def refresh_blocks(path: str) -> int:
 
 
 def main(argv=None) -> int:
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
   from dfkd_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
   compile_lib.memory_scheduler()  # as the command lines do, before JAX starts its backends
   if argv is None:

@@ -183,7 +183,8 @@ def test_pre_dfkd_iteration_schedule():
   assert int(after.vae.step) == c.pre_dfkd.vae_steps
   m = r.metrics[0]
   assert "kd_vae/vae_loss" in m and "kd_vae/memory_loss" in m
-  assert "generator/bn" not in m  # PRE-DFKD has no BN-statistics term
+  # our BN-statistics term (the official code has none: `faithful`, tests/test_configs.py)
+  assert "generator/bn" in m and c.loss.bn == 10.0
 
 
 def test_pre_dfkd_rejects_inconsistent_sizes():

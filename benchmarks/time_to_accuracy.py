@@ -23,6 +23,8 @@ and the README's result tables, each between `<!-- tta: benchmarks/results/FILE.
 
   python benchmarks/time_to_accuracy.py readme
 
+(`... plot FILE.json` redraws a file's plot, e.g. after a row was relabelled.)
+
 Runs live in `--workdir/<budget>s/<method>/seed<k>`; a finished run is not repeated, a killed one
 resumes. Test accuracy is only reported, never used to choose anything.
 """
@@ -329,6 +331,12 @@ def main(argv=None) -> int:
     # python benchmarks/time_to_accuracy.py table <result.json> ...: the markdown tables
     for path in argv[1:]:
       print(result_section(path) + "\n")
+    return 0
+  if argv and argv[0] == "plot":
+    # python benchmarks/time_to_accuracy.py plot <result.json> ...: redraw the .png next to each
+    for path in argv[1:]:
+      with open(path, encoding="utf-8") as f:
+        plot(json.load(f), os.path.splitext(path)[0] + ".png")
     return 0
   if argv and argv[0] == "readme":
     # python benchmarks/time_to_accuracy.py readme [README.md]: refresh its result blocks

@@ -91,7 +91,7 @@ def test_cli_rejects_unknown_method(tmp_path):
 
 
 @pytest.mark.parametrize("method,paper_term,bn", [("dfad", "adv", 1.0), ("dafl", "oh", 1.0),
-                                                  ("pre_dfkd", "oh", 10.0)])
+                                                  ("pre_dfkd", "oh", 10.0), ("zskt", "adv", 1.0)])
 def test_generator_hosts_match_batchnorm_statistics_unless_faithful(method, paper_term, bn):
   default = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method={method}")
   faithful = helpers.load_config(f"{helpers.TEACHER_CONFIG}:method={method},faithful")

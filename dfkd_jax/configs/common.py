@@ -218,11 +218,11 @@ DATA_FREE_ARGS = dict(guidance="none", condensed="", faithful=False, seed=0)
 
 def data_free_options(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
   """Applies the shared data-free arguments: guidance + condensed set, `faithful` (PRE-DFKD /
-  MB-DFKD official-code quirks; DFAD, DAFL and PRE-DFKD without our BatchNorm-matching term); and records a run
+  MB-DFKD official-code quirks; DFAD, DAFL, ZSKT and PRE-DFKD without our BatchNorm-matching term); and records a run
   label for reports."""
   if args.faithful:
     faithful_pre_dfkd(c)
-    if c.method in ("dfad", "dafl", "pre_dfkd"):
+    if c.method in ("dfad", "dafl", "pre_dfkd", "zskt"):
       c.loss.bn = 0.0  # the papers' losses, without our BatchNorm-matching term
   guidance(c, args.guidance, args.condensed)
   c.label = c.method

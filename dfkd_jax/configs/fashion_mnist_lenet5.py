@@ -26,7 +26,8 @@ with `python -m dfkd_jax.condensation.condense --kind dm --ipc 10 --pad_to 32 --
 Argument keys: method (teacher|scratch|kd_real|kd_condensed|<data-free method>),
 teacher_workdir, tiny (a few steps on a slice of the data, for tests and notebooks), seed,
 guidance (none|condensed|naive), condensed (.npz path), faithful (PRE-DFKD/MB-DFKD official-code
-quirks instead of the corrected defaults).
+quirks instead of the corrected defaults; DAFL, DFAD, ZSKT and PRE-DFKD without our
+BatchNorm-matching term).
 """
 
 from dfkd_jax.configs import common

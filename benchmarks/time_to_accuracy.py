@@ -73,9 +73,20 @@ def _git_commit() -> str | None:
 
 
 def _train(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, or returns the summary of the finished run there, if that
+  run had the same config (a changed default must not be answered with an old run)."""
   from dfkd_jax import train  # pylint: disable=g-import-not-at-top
+  from dfkd_jax.train import loop  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "summary.json")
   if os.path.exists(path):
+    saved_config = os.path.join(workdir, "config.json")
+    if os.path.exists(saved_config):
+      with open(saved_config, encoding="utf-8") as f:
+        changed = loop.config_differences(json.load(f), json.loads(config.to_json()))
+      if changed:
+        raise SystemExit(f"time_to_accuracy.py: {workdir} holds a finished run of another "
+                         f"config ({'; '.join(changed[:5])}). Use another --workdir or --label, "
+                         "or delete that folder to run it again.")
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   return train.train_and_evaluate(config, workdir)

@@ -115,3 +115,13 @@ def test_readme_blocks_are_regenerated_from_their_result_files(tmp_path):
   assert "| fast | 3 |" in text
   doc.write_text("no blocks\n")
   assert tta.main(["readme", str(doc)]) == 1
+
+
+def test_a_finished_run_of_another_config_is_not_reused(tmp_path):
+  config = tta.load_config(tta.CONFIG, "method=zskt,tiny")
+  (tmp_path / "summary.json").write_text(json.dumps({"final": 1.0}))
+  (tmp_path / "config.json").write_text(config.to_json())
+  assert tta._train(config, str(tmp_path)) == {"final": 1.0}  # the same config: reused
+  changed = tta.load_config(tta.CONFIG, "method=zskt,tiny", ["loss.bn=0"])
+  with pytest.raises(SystemExit, match=r"another config \(loss.bn: 1.0 -> 0.0\)"):
+    tta._train(changed, str(tmp_path))

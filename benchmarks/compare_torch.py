@@ -133,10 +133,7 @@ class RSSPeak:
       time.sleep(self.interval)
 
   def __enter__(self):
-    try:  # hand the allocator's free pages back first, so the growth is the block's peak
-      ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-      pass
+    _trim()  # hand the allocator's free pages back first, so the growth is the block's peak
     self.base = self.peak = _rss_bytes()
     self._thread = threading.Thread(target=self._run, daemon=True)
     self._thread.start()

@@ -92,15 +92,26 @@ def _train(config, workdir: str) -> dict:
   return train.train_and_evaluate(config, workdir)
 
 
+def config_fingerprint(config) -> str:
+  """A short hash of the config's content (sorted JSON)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def calibrate(method: str, args, rates: dict, rates_path: str) -> dict:
-  """Iterations/s and compile seconds of `method` at its config (cached in rates.json)."""
+  """Iterations/s and compile seconds of `method` at its config (cached in rates.json).
+
+  The cache key carries a fingerprint of the resolved config, so a changed default (or code
+  that changes the config) is calibrated afresh instead of sized from a stale rate."""
+  config = load_config(args.config, f"method={method},teacher_workdir={args.teacher}"
+                       + (f",{args.config_arg}" if args.config_arg else ""), args.set)
   key = f"{method}|{args.config_arg}|{os.path.basename(args.config)}|{machine()}"
   if args.set:
     key += "|" + ";".join(args.set)
+  key += "|config " + config_fingerprint(config)
   if key in rates and rates[key].get("calibration_iterations", 0) >= args.calibrate_iters:
     return rates[key]
-  config = load_config(args.config, f"method={method},teacher_workdir={args.teacher}"
-                       + (f",{args.config_arg}" if args.config_arg else ""), args.set)
   d = config.distill
   if method in config and "warmup" in config[method]:
     config[method].warmup = 0  # time full iterations (synthesis and student steps)

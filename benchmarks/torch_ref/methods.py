@@ -279,8 +279,9 @@ class TorchMethod:
   def di_synthesis(self, rng):
     """DeepInversion's synthesis round: `iterations` Adam steps on fresh pixels, then a push."""
     di, b = self.cfg.deepinversion, self.d.batch_size
-    if di.flip:
-      raise ValueError("compare_torch implements deepinversion.flip=False only.")
+    if di.flip or di.get("student_jitter", 0) or di.get("student_flip", False):
+      raise ValueError("compare_torch implements deepinversion.flip=False and no student "
+                       "augmentation (student_jitter=0, student_flip=False) only.")
     labels = torch.arange(b) % NUM_CLASSES
     px = rng.normal((b, *IMAGE_SHAPE), (0, ("split", 2, 0)), image=True).requires_grad_(True)
     opt = torch.optim.Adam([px], lr=di.lr, betas=(di.b1, di.b2))

@@ -69,9 +69,15 @@ def jax_config(method: str, batch: int | None = None, tiny: bool = False, di_ite
       config.mb_dfkd.slot_size = batch // 8
       config.pre_dfkd.memory_batch = batch // 8
       config.pre_dfkd.vae_input = batch // 2
+  if method == "deepinversion":
+    # The twin's student sees the pool as stored (no jitter): equal work.
+    config.deepinversion.student_jitter = 0
   if method == "deepinversion" and not tiny:
     config.deepinversion.iterations = di_iters
     config.distill.student_steps = di_student_steps
+    # The resnet config's DeepInversion student loop is a scan since its CPU recipe (configs
+    # cpu_deepinversion); the side-by-side tables (RESULTS §8) were measured with it unrolled.
+    config.distill.unroll = config.distill.unroll or pair == "resnet"
   if method == "deepinversion":
     config.deepinversion.pool_size = max(config.deepinversion.pool_size,
                                          config.distill.batch_size)

@@ -41,6 +41,8 @@ def get_config(arg: str | None = None):
     common.scale_replay(c)
     if args.method in ("fast", "nayer"):
       common.cpu_fast_nayer(c, args.method)
+    elif args.method in ("deepinversion", "adi"):
+      common.cpu_deepinversion(c)
     common.data_free_options(c, args)
   if args.tiny:
     common.tiny_small(c, args.method)

@@ -128,9 +128,7 @@ def _student(ctx: base.Context, cfg_block, warmup: int):
   jitter, flip = cfg_block.student_jitter, bool(cfg_block.get("student_flip", False))
 
   def sample(state, key):
-    k_pool, k_aug = jax.random.split(key)
-    x = phases.sample_pool(state, k_pool, d.batch_size, ctx.mesh)
-    return augment.jitter_flip(k_aug, x, jitter, flip) if (jitter or flip) else x
+    return phases.sample_pool(state, key, d.batch_size, ctx.mesh, jitter, flip)
 
   step = phases.student_step(sample, kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature,
                              extras=base.condensed_extras(ctx))

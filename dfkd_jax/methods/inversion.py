@@ -27,7 +27,8 @@ def make_deepinversion(ctx: base.Context) -> Method:
       num_classes=ctx.num_classes, iterations=di.iterations, lr=di.lr, b1=di.b1, b2=di.b2,
       jitter=di.jitter, flip=di.flip, mesh=ctx.mesh, guidance=ctx.guidance)
   student = phases.student_step(
-      lambda state, key: phases.sample_pool(state, key, d.batch_size, ctx.mesh),
+      lambda state, key: phases.sample_pool(state, key, d.batch_size, ctx.mesh,
+                                            di.student_jitter, di.student_flip),
       kd=cfg.loss.kd, temperature=cfg.loss.kd_temperature, extras=base.condensed_extras(ctx))
   body = combinators.sequence(("synth", synth),
                               ("student", combinators.repeat(d.student_steps, student,

@@ -443,5 +443,11 @@ def pool_part(capacity: int) -> state_lib.Part:
   return state_lib.Part("pool", lambda key, ctx: buffers.pool_init(capacity, ctx.image_shape))
 
 
-def sample_pool(state, key, batch: int, mesh):
-  return parallel.shard_batch(buffers.sample(state.pool, key, batch), mesh)
+def sample_pool(state, key, batch: int, mesh, jitter: int = 0, flip: bool = False):
+  """`batch` images drawn uniformly from the pool, each optionally jittered (a random shift of
+  up to `jitter` pixels) and flipped: the student's augmentation of stored synthetic images."""
+  if not (jitter or flip):
+    return parallel.shard_batch(buffers.sample(state.pool, key, batch), mesh)
+  k_pool, k_aug = jax.random.split(key)
+  x = parallel.shard_batch(buffers.sample(state.pool, k_pool, batch), mesh)
+  return augment.jitter_flip(k_aug, x, jitter, flip)

@@ -125,3 +125,13 @@ def test_a_finished_run_of_another_config_is_not_reused(tmp_path):
   changed = tta.load_config(tta.CONFIG, "method=zskt,tiny", ["loss.bn=0"])
   with pytest.raises(SystemExit, match=r"another config \(loss.bn: 1.0 -> 0.0\)"):
     tta._train(changed, str(tmp_path))
+
+
+def test_calibration_cache_key_follows_the_config():
+  """A changed default (here: an override) changes the fingerprint, so a cached rate of the old
+  config is not reused; the same config gives the same fingerprint."""
+  a = tta.load_config(tta.CONFIG, "method=deepinversion")
+  b = tta.load_config(tta.CONFIG, "method=deepinversion")
+  c = tta.load_config(tta.CONFIG, "method=deepinversion", ["deepinversion.iterations=200"])
+  assert tta.config_fingerprint(a) == tta.config_fingerprint(b)
+  assert tta.config_fingerprint(a) != tta.config_fingerprint(c)

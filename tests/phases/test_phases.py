@@ -251,3 +251,28 @@ def test_sharded_latents_differ_across_devices():
   # The shards are slices of ONE global draw: the same batch as on a single device.
   z1 = jax.jit(lambda k: phases.latents(k, BATCH, LATENT, mesh1))(key)
   np.testing.assert_array_equal(np.asarray(z), np.asarray(z1))
+
+
+def test_pool_samples_are_jittered_views_of_pooled_images():
+  """sample_pool(jitter=j): every drawn image is its pooled image rolled by one (dy, dx) with
+  |dy|, |dx| <= j (shared by the batch, as DeepInversion's jitter); j = 0 returns pool images."""
+  from dfkd_jax.ops import buffers  # pylint: disable=g-import-not-at-top
+  image = jnp.arange(8 * 8, dtype=jnp.float32).reshape(1, 8, 8, 1)  # every pixel distinct
+  pool = buffers.add(buffers.pool_init(4, (8, 8, 1)), image)
+
+  class State:
+    pass
+
+  state = State()
+  state.pool = pool
+  mesh = parallel.make_mesh(1)
+  plain = phases.sample_pool(state, jax.random.key(0), 3, mesh)
+  np.testing.assert_array_equal(plain, jnp.repeat(image, 3, 0))
+  shifts = set()
+  for seed in range(12):
+    x = np.asarray(phases.sample_pool(state, jax.random.key(seed), 3, mesh, jitter=2))
+    found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+             if np.array_equal(x, np.repeat(np.roll(image, (dy, dx), (1, 2)), 3, 0))]
+    assert len(found) == 1, f"seed {seed}: not a single <=2-pixel roll of the pooled image"
+    shifts.add(found[0])
+  assert len(shifts) > 1  # the shift is random

@@ -1,0 +1,21 @@
+"""bench_steps: the FLOP count of a step with a while loop is flagged as a lower bound."""
+import os
+import sys
+
+import helpers
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(helpers.REPO_ROOT, "benchmarks"))
+import bench_steps  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_a_scanned_loop_is_detected_and_xla_counts_its_body_once():
+  x = jnp.ones((32, 32))
+  scanned = jax.jit(lambda x: jax.lax.scan(lambda c, _: (c @ c, None), x, None, length=4)[0])
+  plain = jax.jit(lambda x: x @ x)
+  loop, once = scanned.lower(x).compile(), plain.lower(x).compile()
+  assert bench_steps.has_while_loop(loop.as_text())
+  assert not bench_steps.has_while_loop(once.as_text())
+  # why the flag exists: four matrix products counted as about one
+  assert loop.cost_analysis()["flops"] < 2 * once.cost_analysis()["flops"]

@@ -19,3 +19,9 @@ def test_a_scanned_loop_is_detected_and_xla_counts_its_body_once():
   assert not bench_steps.has_while_loop(once.as_text())
   # why the flag exists: four matrix products counted as about one
   assert loop.cost_analysis()["flops"] < 2 * once.cost_analysis()["flops"]
+
+
+def test_the_prngs_own_loops_do_not_count():
+  """jax.random's threefry lowers to while loops on CPU; they hold no FLOPs the count misses."""
+  sample = jax.jit(lambda k: jax.random.normal(jax.random.fold_in(k, 3), (64, 8)) @ jnp.ones((8, 8)))
+  assert not bench_steps.has_while_loop(sample.lower(jax.random.key(0)).compile().as_text())

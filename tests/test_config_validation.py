@@ -62,6 +62,7 @@ BAD = [
     ("nayer", "nayer.warmup", -1, ">= 0"),
     ("fast", "fast.k", 0, "> 0"),
     ("deepinversion", "deepinversion.iterations", 0, "> 0"),
+    ("deepinversion", "deepinversion.student_jitter", -1, ">= 0"),
     ("pre_dfkd", "pre_dfkd.vae_steps", -1, ">= 0"),
     ("teacher", "batch_size", 0, "> 0"),
     ("teacher", "num_epochs", 0, "> 0"),

@@ -444,8 +444,9 @@ def pool_part(capacity: int) -> state_lib.Part:
 
 
 def sample_pool(state, key, batch: int, mesh, jitter: int = 0, flip: bool = False):
-  """`batch` images drawn uniformly from the pool, each optionally jittered (a random shift of
-  up to `jitter` pixels) and flipped: the student's augmentation of stored synthetic images."""
+  """`batch` images drawn uniformly from the pool; with `jitter`/`flip`, the batch is rolled by
+  one random shift of up to `jitter` pixels and mirrored at random (`augment.jitter_flip`, one
+  draw shared by the batch): the student's augmentation of stored synthetic images."""
   if not (jitter or flip):
     return parallel.shard_batch(buffers.sample(state.pool, key, batch), mesh)
   k_pool, k_aug = jax.random.split(key)

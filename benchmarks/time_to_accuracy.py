@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -94,7 +95,6 @@ def _train(config, workdir: str) -> dict:
 
 def config_fingerprint(config) -> str:
   """A short hash of the config's content (sorted JSON)."""
-  import hashlib  # pylint: disable=g-import-not-at-top
   text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 

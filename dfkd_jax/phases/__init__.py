@@ -447,8 +447,8 @@ def sample_pool(state, key, batch: int, mesh, jitter: int = 0, flip: bool = Fals
   """`batch` images drawn uniformly from the pool; with `jitter`/`flip`, the batch is rolled by
   one random shift of up to `jitter` pixels and mirrored at random (`augment.jitter_flip`, one
   draw shared by the batch): the student's augmentation of stored synthetic images."""
-  if not (jitter or flip):
-    return parallel.shard_batch(buffers.sample(state.pool, key, batch), mesh)
-  k_pool, k_aug = jax.random.split(key)
-  x = parallel.shard_batch(buffers.sample(state.pool, k_pool, batch), mesh)
-  return augment.jitter_flip(k_aug, x, jitter, flip)
+  augmented = bool(jitter or flip)
+  if augmented:
+    key, k_aug = jax.random.split(key)
+  x = parallel.shard_batch(buffers.sample(state.pool, key, batch), mesh)
+  return augment.jitter_flip(k_aug, x, jitter, flip) if augmented else x

@@ -187,6 +187,9 @@ def main():
   p.add_argument("--batch", default="256", help="global batch size(s), comma-separated")
   p.add_argument("--devices", type=int, default=1, help="fake XLA:CPU devices")
   p.add_argument("--conv_grads", default="auto", choices=numerics_lib.CONV_GRADS)
+  p.add_argument("--upsample_conv", default=numerics_lib.current().upsample_conv,
+                 choices=numerics_lib.UPSAMPLE_CONV,
+                 help="the generators' x2 upsampling + 3x3 conv: direct or subpixel")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--ngf", type=int, default=32, help="generator width (0: the config's own)")
   p.add_argument("--di_iters", type=int, default=20)
@@ -201,12 +204,15 @@ def main():
   args = p.parse_args()
   start = time.perf_counter()
   # This script's numerics, for the rest of the process.
-  contextlib.ExitStack().enter_context(numerics_lib.use(conv_grads=args.conv_grads))
+  numerics_scope = contextlib.ExitStack()  # held until main returns: a dropped stack
+  # would close the scope at once (the generator of `use` is finalised with it)
+  numerics_scope.enter_context(numerics_lib.use(conv_grads=args.conv_grads,
+                                                       upsample_conv=args.upsample_conv))
   if jax.device_count() != args.devices:
     raise SystemExit(f"--devices {args.devices} but JAX sees {jax.device_count()} devices")
   import chex  # pylint: disable=g-import-not-at-top
-  print(f"Machine: {machine()}; date {datetime.date.today()}; command: python "
-        + " ".join(sys.argv), flush=True)
+  print(f"Machine: {machine()}; date {datetime.date.today()}; JAX numerics "
+        f"{numerics_lib.current().to_dict()}; command: python " + " ".join(sys.argv), flush=True)
   print("\n| pair | method | dtype | batch | devices | conv grads | student steps/it | inner | "
         "unroll | compile (s) | median step (s) | it/s | student img/s | TFLOP/it | TFLOP/s | "
         "of peak (TFLOP/s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -226,7 +232,8 @@ def main():
           tf = r["tflops_per_s"]
           ge = ">=" if r["flops_lower_bound"] else ""  # XLA counted each loop body once
           print(f"| {r['pair']} | {r['method']} | {dtype} | {r['batch']} | "
-                f"{jax.device_count()} | {args.conv_grads} | {r['student_steps']} | "
+                f"{jax.device_count()} | {numerics_lib.current().conv_grads} | "
+                f"{r['student_steps']} | "
                 f"{r['inner']} | {args.unroll} | {r['compile_s']:.1f} | {r['median_s']:.3f} | "
                 f"{r['it_per_s']:.2f} | {r['student_img_per_s']:.0f} | "
                 f"{ge}{r['flops'] / 1e12 if r['flops'] else float('nan'):.3f} | "

@@ -347,7 +347,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--methods", default=",".join(METHODS))
-  profile_step.add_step_flags(p)  # --pair, --batch, --di_iters, --di_student_steps, --conv_grads
+  profile_step.add_step_flags(p)  # --pair, --batch, --conv_grads, --upsample_conv, --set, ...
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -374,7 +374,10 @@ def main(argv=None):
     return profile_step.main(sys.argv[1:] if argv is None else argv)
   torch.set_num_threads(args.threads)
   # The JAX side's numerics for the rest of this process (a script, not a library call).
-  contextlib.ExitStack().enter_context(numerics_lib.use(conv_grads=args.conv_grads))
+  numerics_scope = contextlib.ExitStack()  # held until main returns: a dropped stack
+  # would close the scope at once (the generator of `use` is finalised with it)
+  numerics_scope.enter_context(numerics_lib.use(conv_grads=args.conv_grads,
+                                                       upsample_conv=args.upsample_conv))
   methods = [m for m in args.methods.split(",") if m]
   for m in methods:
     if m not in METHODS:
@@ -386,7 +389,8 @@ def main(argv=None):
     print(json.dumps(memory_child(args.memory_child, methods[0], args)), flush=True)
     return 0
   header = (f"Machine: {machine()}; date {datetime.date.today()}; "
-            f"pair {PAIR_NAMES[args.pair]}; command: python " + " ".join(sys.argv))
+            f"pair {PAIR_NAMES[args.pair]}; JAX numerics {numerics_lib.current().to_dict()}; "
+            "command: python " + " ".join(sys.argv))
   print(header, flush=True)
   if args.check:
     failed = 0

@@ -204,6 +204,10 @@ def add_step_flags(p: argparse.ArgumentParser):
                  help="DeepInversion student steps per round")
   p.add_argument("--conv_grads", default="auto", choices=("auto", "canonical", "xla"),
                  help="dfkd_jax.models.conv gradient mode of the JAX side (xla: JAX's own)")
+  p.add_argument("--upsample_conv", default=numerics_lib.current().upsample_conv,
+                 choices=numerics_lib.UPSAMPLE_CONV,
+                 help="the generators' x2 upsampling + 3x3 conv (dfkd_jax.numerics): direct or "
+                 "subpixel (default: DFKD_UPSAMPLE_CONV, else direct)")
   p.add_argument("--config_arg", default="",
                  help="more config-string arguments, e.g. faithful (PRE-DFKD's official quirks)")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -230,7 +234,10 @@ def main(argv=None):
   if not args.profile and not args.conv_loop_demo:
     p.error("nothing to do: give --profile METHOD and/or --conv_loop_demo")
   # The JAX side's numerics for the rest of this process (a script, not a library call).
-  contextlib.ExitStack().enter_context(numerics_lib.use(conv_grads=args.conv_grads))
+  numerics_scope = contextlib.ExitStack()  # held until main returns: a dropped stack
+  # would close the scope at once (the generator of `use` is finalised with it)
+  numerics_scope.enter_context(numerics_lib.use(conv_grads=args.conv_grads,
+                                                       upsample_conv=args.upsample_conv))
   print(f"Machine: {machine()}; date {datetime.date.today()}; command: python "
         + " ".join(sys.argv), flush=True)
   if args.profile:

@@ -1,7 +1,7 @@
 """The numerics settings of a run, as one explicit object: how convolution gradients and
 training-mode BatchNorm are emitted, and which XLA:CPU compiler options the steps get.
 
-Three switches decide how fast the CPU steps are, and whether a run is bit-comparable with
+Four switches decide how fast the steps are, and whether a run is bit-comparable with
 plain JAX/Flax (`models/conv.py`, `models/norm.py`, `compile.py` say why each exists):
 
 - `conv_grads`: "auto" (the canonical-layout convolution VJP on CPU, JAX's own elsewhere),
@@ -10,10 +10,15 @@ plain JAX/Flax (`models/conv.py`, `models/norm.py`, `compile.py` say why each ex
 - `xla_cpu_ynn`: the XLA:CPU YNNPACK fusion option for jitted steps: "none" (no YNNPACK
   fusions, the default), "default" (XLA's own choice), or an enum name such as
   `LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`.
+- `upsample_conv`: how a generator's x2 nearest upsampling followed by a 3x3 conv is computed
+  (every platform): "direct" (the default: upsample, then convolve, as the official codes do)
+  or "subpixel" (the same function as one 2x2 convolution per output phase on the small map,
+  `models.conv.upsample2x_conv`: about half the FLOPs of those convs; equal up to float
+  rounding, so a run's numbers move as with another summation order).
 
 A run chooses them once (`from_config`: the config's `numerics` block, where an empty field
 falls back to the environment variables `DFKD_CONV_GRADS`, `DFKD_BATCH_NORM`, `DFKD_XLA_CPU_YNN`,
-then to the defaults above) and scopes them with `use(numerics)` around everything it traces;
+`DFKD_UPSAMPLE_CONV`, then to the defaults above) and scopes them with `use(numerics)` around everything it traces;
 nothing global is mutated. The models read `current()` when they are traced, `compile.jit`
 when a step is built, so a step keeps the numerics it was built and traced under. Every
 summary.json and model.json records `current().to_dict()`.
@@ -28,8 +33,9 @@ from typing import Iterator, Mapping
 
 CONV_GRADS = ("auto", "canonical", "xla")
 BATCH_NORM = ("auto", "xla")
+UPSAMPLE_CONV = ("direct", "subpixel")
 _ENV = {"conv_grads": "DFKD_CONV_GRADS", "batch_norm": "DFKD_BATCH_NORM",
-        "xla_cpu_ynn": "DFKD_XLA_CPU_YNN"}
+        "xla_cpu_ynn": "DFKD_XLA_CPU_YNN", "upsample_conv": "DFKD_UPSAMPLE_CONV"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +44,11 @@ class Numerics:
   conv_grads: str = "auto"
   batch_norm: str = "auto"
   xla_cpu_ynn: str = "none"
+  upsample_conv: str = "direct"
 
   def __post_init__(self):
-    for field, allowed in (("conv_grads", CONV_GRADS), ("batch_norm", BATCH_NORM)):
+    for field, allowed in (("conv_grads", CONV_GRADS), ("batch_norm", BATCH_NORM),
+                           ("upsample_conv", UPSAMPLE_CONV)):
       value = getattr(self, field)
       if value not in allowed:
         raise ValueError(f"numerics.{field} must be one of {allowed}, got {value!r} (set "
@@ -60,7 +68,7 @@ class Numerics:
 
   @classmethod
   def from_config(cls, config, environ: Mapping[str, str] | None = None) -> "Numerics":
-    """`config.numerics` (a block of the three fields; empty ones and a missing block fall
+    """`config.numerics` (a block of the four fields; empty ones and a missing block fall
     back to `from_env`)."""
     base = cls.from_env(environ)
     block = config.get("numerics", None) if hasattr(config, "get") else None

@@ -15,7 +15,10 @@ def test_environment_then_config_then_scope():
   config = ml_collections.ConfigDict(
       {"numerics": {"conv_grads": "", "batch_norm": "xla", "xla_cpu_ynn": ""}})
   chosen = numerics.Numerics.from_config(config, env)
-  assert chosen.to_dict() == {"conv_grads": "xla", "batch_norm": "xla", "xla_cpu_ynn": "default"}
+  assert chosen.to_dict() == {"conv_grads": "xla", "batch_norm": "xla", "xla_cpu_ynn": "default",
+                              "upsample_conv": "direct"}
+  assert numerics.Numerics.from_env({"DFKD_UPSAMPLE_CONV": "subpixel"}).upsample_conv == (
+      "subpixel")
   # A config without the block (an older config.json) takes the environment's.
   assert numerics.Numerics.from_config(ml_collections.ConfigDict(), {}) == numerics.Numerics()
 
@@ -24,6 +27,9 @@ def test_bad_values_name_the_field_and_the_fix():
   with pytest.raises(ValueError, match=r"numerics.conv_grads.*'auto', 'canonical', 'xla'.*"
                      r"DFKD_CONV_GRADS"):
     numerics.Numerics.from_env({"DFKD_CONV_GRADS": "fast"})
+  with pytest.raises(ValueError, match=r"numerics.upsample_conv.*'direct', 'subpixel'.*"
+                     r"DFKD_UPSAMPLE_CONV"):
+    numerics.Numerics(upsample_conv="winograd")
   config = ml_collections.ConfigDict({"numerics": {"conv_grad": "xla"}})
   with pytest.raises(ValueError, match=r"unknown fields \['conv_grad'\]"):
     numerics.Numerics.from_config(config, {})

@@ -65,9 +65,11 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.eval_every = 0         # steps; 0 -> once per epoch
   c.checkpoint_every = 500
   c.max_to_keep = 2
-  # How convolution gradients, training-mode BatchNorm and XLA:CPU options are emitted
-  # (dfkd_jax.numerics); "" -> the DFKD_* environment variable, else the default.
-  c.numerics = ml_collections.ConfigDict(dict(conv_grads="", batch_norm="", xla_cpu_ynn=""))
+  # How convolution gradients, training-mode BatchNorm, XLA:CPU options and the generators'
+  # upsampling convs are emitted (dfkd_jax.numerics); "" -> the DFKD_* environment variable,
+  # else the default.
+  c.numerics = ml_collections.ConfigDict(dict(conv_grads="", batch_norm="", xla_cpu_ynn="",
+                                              upsample_conv=""))
   return c
 
 

@@ -249,3 +249,61 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated,
 Conv.__doc__ = ("`flax.linen.Conv` with `conv_general_dilated` (CPU-fast gradients in loops) "
                 "and a bias whose gradient is a column sum (`add_bias`).")
 
+
+
+# ============================================================================ x2 upsample + conv
+
+# For output phase a (even rows a = 0, odd rows a = 1), a 3x3 'SAME' conv of the x2 nearest
+# upsampled map reads only two input rows: y[2i] = K0 x[i-1] + (K1 + K2) x[i] and
+# y[2i+1] = (K0 + K1) x[i] + K2 x[i+1]. `_PHASE_TAPS[a]` maps the kernel's 3 rows (or columns)
+# to those 2 taps (columns alike).
+_PHASE_TAPS = ((((1, 0, 0), (0, 1, 1))), (((1, 1, 0), (0, 0, 1))))
+
+
+def upsample2x_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
+                    rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                    batch_group_count: int = 1, precision=None, preferred_element_type=None):
+  """A 3x3 stride-1 'SAME' convolution of the x2 nearest-upsampled `lhs`, on `lhs` itself.
+
+  `upsample2x_conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC/HWIO)` equals
+  `conv(upsample_nearest_2x(x), w, ...)` up to float rounding: each of the four output phases
+  (even/odd row x even/odd column) reads a 2x2 neighbourhood of `x` with taps that are sums of
+  `w`'s. Per row phase, one 2x2 VALID convolution of `x` (padded by one row above or below and
+  one column on each side) computes both column phases as 2 x Cout output channels; the column
+  phases are cropped by one pixel and everything is interleaved. At 8 -> 16 and 16 -> 32 pixels
+  that is 50 % and 47 % of the direct convolution's FLOPs, and the upsampled map (4x the input)
+  is never built, in the forward pass or the gradient. (Measured against one convolution for all
+  four phases, cropped per phase, and four aligned convolutions: this split was the fastest
+  and needed the least XLA temporary memory, forward and backward, in a PRE-DFKD generator at
+  batch 256 on the 2-core CPU.) Same signature as `lax.conv_general_dilated` (what `nn.Conv`
+  calls); only that one configuration is accepted.
+
+  Raises:
+    ValueError: for any other kernel size, stride, padding, dilation or layout.
+  """
+  pads = padding if isinstance(padding, str) else tuple(tuple(int(v) for v in p) for p in padding)
+  if (lhs.ndim != 4 or tuple(rhs.shape[:2]) != (3, 3) or not _is_nhwc(dimension_numbers, 4)
+      or tuple(window_strides) != _ONES or pads not in ("SAME", ((1, 1), (1, 1)))
+      or tuple(lhs_dilation or _ONES) != _ONES or tuple(rhs_dilation or _ONES) != _ONES
+      or feature_group_count != 1 or batch_group_count != 1):
+    raise ValueError("upsample2x_conv computes only a 3x3, stride-1, padding-1 NHWC/HWIO "
+                     f"convolution; got kernel {rhs.shape}, strides {window_strides}, padding "
+                     f"{padding}, dimension numbers {dimension_numbers}.")
+  b, h, w, cin = lhs.shape
+  cout = rhs.shape[-1]
+  taps = jnp.asarray(_PHASE_TAPS, rhs.dtype)  # [phase, tap, kernel row]
+  kernels = jnp.einsum("arp,csq,pqio->arsico", taps, taps, rhs).reshape(2, 2, 2, cin, 2 * cout)
+  rows = []
+  for a in (0, 1):  # row phase a reads rows (i - 1, i) or (i, i + 1)
+    xp = jnp.pad(lhs, ((0, 0), (1 - a, a), (1, 1), (0, 0)))
+    z = conv_general_dilated(xp, kernels[a], _ONES, ((0, 0), (0, 0)), dimension_numbers=_NHWC,
+                             precision=precision, preferred_element_type=preferred_element_type)
+    z = z.reshape(b, h, w + 1, 2, cout)  # column phase c reads columns (j - 1 + c, j + c)
+    rows.append(jnp.stack([z[:, :, c:c + w, c] for c in (0, 1)], axis=3))
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, cout)
+
+
+UpsampleConv = functools.partial(nn.Conv, conv_general_dilated=upsample2x_conv,
+                                 promote_dtype=_promote_dtype)
+UpsampleConv.__doc__ = ("`Conv` applied to the x2 nearest upsampling of its input, computed "
+                        "phase by phase on the input (`upsample2x_conv`); takes the small map.")

@@ -27,7 +27,11 @@ Conventions:
   transposed to NHWC, so a PyTorch generator's linear weights map over
   unchanged.
 * Exact x2 nearest upsampling (`upsample_nearest_2x`) is a broadcast and a
-  reshape, which is cheaper than `jax.image.resize` and equal to it. ZSKT's
+  reshape, which is cheaper than `jax.image.resize` and equal to it. With
+  `numerics.upsample_conv="subpixel"` an upsampling followed by a 3x3 conv is
+  computed without the upsampled map, phase by phase on the small one
+  (`conv.upsample2x_conv`: about half those convs' FLOPs, the same function up
+  to float rounding, the same parameters). ZSKT's
   x1.6 step uses `jax.image.resize(..., "nearest")`, whose half-pixel
   index rounding differs from PyTorch's `floor(i / 1.6)` for 6 of the 16
   output rows/columns; both duplicate 6 of the 10 input rows/columns.
@@ -60,6 +64,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfkd_jax import numerics as numerics_lib
 from dfkd_jax.models import conv as conv_lib
 from dfkd_jax.models import norm as norm_lib
 
@@ -126,13 +131,21 @@ class _ConvBlock(nn.Module):
   weight_init: str
   spectral_norm: bool
   dtype: Any
+  upsample: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Applies the 3x3 'SAME' conv; SN statistics update only if `train`."""
+    """Applies the 3x3 'SAME' conv (to `upsample_nearest_2x(x)` if `upsample`); SN statistics
+    update only if `train`. With `upsample` and `numerics.upsample_conv="subpixel"` the conv
+    runs phase by phase on `x` (`conv.upsample2x_conv`); the parameters are the same."""
     kernel_init, bias_init = _layer_inits(self.weight_init, 9 * x.shape[-1])
-    conv = conv_lib.Conv(self.features, (3, 3), padding=1, dtype=self.dtype,
-                   kernel_init=kernel_init, bias_init=bias_init, name="conv")
+    conv_cls = conv_lib.Conv
+    if self.upsample and numerics_lib.current().upsample_conv == "subpixel":
+      conv_cls = conv_lib.UpsampleConv
+    elif self.upsample:
+      x = upsample_nearest_2x(x)
+    conv = conv_cls(self.features, (3, 3), padding=1, dtype=self.dtype,
+                    kernel_init=kernel_init, bias_init=bias_init, name="conv")
     if self.spectral_norm:
       return nn.SpectralNorm(conv, n_steps=1, name="sn")(x, update_stats=train)
     return conv(x)
@@ -201,11 +214,9 @@ class Generator(nn.Module):
     x = _project(z, 2 * self.ngf, self.img_size // 4, self.weight_init,
                  self.dtype)
     x = norm(epsilon=1e-5, name="bn0")(x)
-    x = upsample_nearest_2x(x)
-    x = conv(2 * self.ngf, name="block1")(x, train)
+    x = conv(2 * self.ngf, upsample=True, name="block1")(x, train)
     x = nn.leaky_relu(norm(epsilon=self.bn_eps, name="bn1")(x), 0.2)
-    x = upsample_nearest_2x(x)
-    x = conv(self.ngf, name="block2")(x, train)
+    x = conv(self.ngf, upsample=True, name="block2")(x, train)
     x = nn.leaky_relu(norm(epsilon=self.bn_eps, name="bn2")(x), 0.2)
     x = conv(self.channels, name="block3")(x, train)
     x = x.astype(jnp.float32)
@@ -217,13 +228,14 @@ class Generator(nn.Module):
 
 
 
-def _decoder_tail(x, conv, norm, ngf: int, channels: int, train: bool) -> jax.Array:
-  """The shared end of the DAFL-style and Fast/NAYER decoders, built in the caller's compact
-  scope: block1 (2 ngf) -> bn1 -> LReLU(0.2) -> x2 -> block2 (ngf) -> bn2 -> LReLU -> block3."""
-  x = conv(2 * ngf, name="block1")(x, train)
+def _decoder_tail(x, conv, norm, ngf: int, channels: int, train: bool,
+                  upsample_first: bool) -> jax.Array:
+  """The shared end of the ZSKT and Fast/NAYER decoders, built in the caller's compact scope:
+  [x2 if `upsample_first`] -> block1 (2 ngf) -> bn1 -> LReLU(0.2) -> x2 -> block2 (ngf) -> bn2
+  -> LReLU -> block3."""
+  x = conv(2 * ngf, upsample=upsample_first, name="block1")(x, train)
   x = nn.leaky_relu(norm(name="bn1")(x), 0.2)
-  x = upsample_nearest_2x(x)
-  x = conv(ngf, name="block2")(x, train)
+  x = conv(ngf, upsample=True, name="block2")(x, train)
   x = nn.leaky_relu(norm(name="bn2")(x), 0.2)
   return conv(channels, name="block3")(x, train)
 
@@ -265,7 +277,7 @@ class ZSKTGenerator(nn.Module):
     x = jax.image.resize(x, (x.shape[0], half, half, x.shape[-1]), "nearest")
     conv = functools.partial(_ConvBlock, weight_init=self.weight_init,
                              spectral_norm=False, dtype=self.dtype)
-    x = _decoder_tail(x, conv, norm, self.ngf, self.channels, train)
+    x = _decoder_tail(x, conv, norm, self.ngf, self.channels, train, upsample_first=False)
     return norm_lib.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=self.bn_eps, use_scale=False, use_bias=False,
                         dtype=jnp.float32, name="bn_out")(x.astype(jnp.float32))
@@ -295,8 +307,7 @@ class _SigmoidTrunk(nn.Module):
                              dtype=self.dtype)
     x = _project(h, 2 * self.ngf, self.img_size // 4, "default", self.dtype)
     x = norm(name="bn0")(x)
-    x = upsample_nearest_2x(x)
-    x = _decoder_tail(x, conv, norm, self.ngf, self.channels, train)
+    x = _decoder_tail(x, conv, norm, self.ngf, self.channels, train, upsample_first=True)
     pixels = jax.nn.sigmoid(x.astype(jnp.float32))
     return (pixels - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
 

@@ -25,3 +25,17 @@ def test_the_prngs_own_loops_do_not_count():
   """jax.random's threefry lowers to while loops on CPU; they hold no FLOPs the count misses."""
   sample = jax.jit(lambda k: jax.random.normal(jax.random.fold_in(k, 3), (64, 8)) @ jnp.ones((8, 8)))
   assert not bench_steps.has_while_loop(sample.lower(jax.random.key(0)).compile().as_text())
+
+
+def test_numerics_flags_stay_in_force_for_every_row():
+  """The script scopes --conv_grads / --upsample_conv for the whole run (a scope entered on a
+  discarded ExitStack used to close at once, so the flags were silently ignored)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, os.path.join(helpers.REPO_ROOT, "benchmarks", "bench_steps.py"),
+         "--pairs", "lenet", "--methods", "dafl", "--batch", "8", "--repeats", "1",
+         "--conv_grads", "xla", "--upsample_conv", "subpixel", "--devices", "8"]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600,
+                       env=helpers.cli_env()).stdout  # the tests' 8 fake devices
+  assert "'conv_grads': 'xla'" in out and "'upsample_conv': 'subpixel'" in out, out
+  row = next(line for line in out.splitlines() if line.startswith("| lenet5_bn"))
+  assert row.split(" | ")[5] == "xla", row

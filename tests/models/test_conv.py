@@ -210,3 +210,83 @@ def test_generator_equal_with_plain_convolutions(spectral_norm, numerics_scope):
   jaxpr = str(jax.make_jaxpr(lambda z: models.Generator(img_size=16, channels=1, ngf=8).init(
       jax.random.key(0), z, train=True))(z))
   assert "custom_vjp" in jaxpr
+
+
+# ---------------------------------------------------------------- x2 upsampling + 3x3 conv
+
+
+def _upsample_then_conv(x, w, *args, **kwargs):
+  return conv_lib.conv_general_dilated(models.upsample_nearest_2x(x), w, *args, **kwargs)
+
+
+@pytest.mark.parametrize("padding", ["SAME", ((1, 1), (1, 1))])
+@pytest.mark.parametrize("h,w_,cin,cout", [(4, 4, 8, 6), (5, 3, 3, 2), (1, 1, 4, 4)])
+def test_upsample2x_conv_is_upsample_then_conv(padding, h, w_, cin, cout):
+  """Values and both gradients, rectangular and 1-pixel maps, in and outside a scan."""
+  x = jax.random.normal(jax.random.key(0), (2, h, w_, cin))
+  w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) / 3
+  ct = jax.random.normal(jax.random.key(2), (2, 2 * h, 2 * w_, cout))
+
+  def loss(conv):
+    return lambda x, w: jnp.sum(conv(x, w, (1, 1), padding, dimension_numbers=_DN) * ct)
+  want = jax.jit(jax.value_and_grad(loss(_upsample_then_conv), (0, 1)))(x, w)
+  got = jax.jit(jax.value_and_grad(loss(conv_lib.upsample2x_conv), (0, 1)))(x, w)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+  def body(conv):
+    def step(w, _):
+      value, g = jax.value_and_grad(loss(conv), 1)(x, w)
+      return w - 1e-2 * g, value
+    return jax.jit(lambda w: jax.lax.scan(step, w, None, length=2))
+  for a, b in zip(jax.tree.leaves(body(_upsample_then_conv)(w)),
+                  jax.tree.leaves(body(conv_lib.upsample2x_conv)(w))):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [
+    ((5, 5), (1, 1), ((2, 2), (2, 2))), ((3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((3, 3), (1, 1), "VALID")])
+def test_upsample2x_conv_refuses_other_convolutions(kernel, strides, padding):
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((*kernel, 2, 2))
+  with pytest.raises(ValueError, match="only a 3x3, stride-1, padding-1"):
+    conv_lib.upsample2x_conv(x, w, strides, padding, dimension_numbers=_DN)
+
+
+@pytest.mark.parametrize("name", ["generator", "generator_sn", "zskt", "fast"])
+def test_generators_subpixel_equal_direct(name, numerics_scope):
+  """Same parameters, the same images and gradients up to float rounding; the upsampled map
+  is never built."""
+  build = {
+      "generator": lambda: models.Generator(img_size=16, channels=1, ngf=8),
+      "generator_sn": lambda: models.Generator(img_size=16, channels=1, ngf=8,
+                                               spectral_norm=True),
+      "zskt": lambda: models.ZSKTGenerator(img_size=16, channels=1, ngf=8),
+      "fast": lambda: models.FastGenerator(img_size=16, channels=1, ngf=8)}[name]
+  z = jax.random.normal(jax.random.key(2), (8, 16))
+  ct = jax.random.normal(jax.random.key(3), (8, 16, 16, 1))
+  results = {}
+  for mode in ("direct", "subpixel"):
+    numerics_scope(upsample_conv=mode)
+    gen = build()
+    variables = gen.init(jax.random.key(0), z, train=True)
+
+    def loss(params, gen=gen, variables=variables):
+      out, _ = gen.apply({**variables, "params": params}, z, train=True,
+                         mutable=["batch_stats", "spectral_norm"])
+      return jnp.sum(out * ct), out
+    grads = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    results[mode] = variables, grads
+  (vars_a, (grad_a, out_a)), (vars_b, (grad_b, out_b)) = results["direct"], results["subpixel"]
+  for a, b in zip(jax.tree.leaves(vars_a), jax.tree.leaves(vars_b)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(out_b, out_a, rtol=1e-4, atol=1e-4)
+  # atol on the gradients' scale: a conv bias before a BatchNorm has a gradient of zero up to
+  # float noise, which differs between the two summation orders.
+  scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(grad_a))
+  for a, b in zip(jax.tree.leaves(grad_a), jax.tree.leaves(grad_b)):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5 * scale)
+  for mode, built in (("direct", True), ("subpixel", False)):
+    numerics_scope(upsample_conv=mode)
+    jaxpr = str(jax.make_jaxpr(lambda z: build().init(jax.random.key(0), z, train=True))(z))
+    assert ("f32[8,16,16,16]" in jaxpr) == built  # block2's upsampled input (16 ch., 16x16)

@@ -16,11 +16,13 @@ adding one change to the previous one:
   5 +no-ynn     YNNPACK fusions off for the step (`dfkd_jax.compile`)
   6 +bn-dot     BatchNorm statistics and their gradients as matrix products
                 (`dfkd_jax.models.norm`): the library as shipped
+  7 +subpixel   the generators' x2 upsampling + 3x3 conv per output phase on the small map
+                (`numerics.upsample_conv="subpixel"`, opt-in; `conv.upsample2x_conv`)
 
 Every variant is traced and compiled under its own settings, then the compiled steps are timed
 round-robin (one iteration of each variant per round, `--repeats` rounds after one warm-up
 round), so background load hits all of them alike. Prints the median per variant and its
-speed-up over variant 0. Needs no PyTorch.
+speed-up over the first variant listed (`--variants`, default 0). Needs no PyTorch.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ PAIRS = {"lenet": ("fashion_mnist_lenet5.py", "lenet5_bn"),
          "resnet": ("fashion_mnist_resnet20.py", "resnet20")}
 SHAPE = (32, 32, 1)
 VARIANTS = ("0 before", "1 +canonical", "2 +col2im", "3 +maxpool", "4 +roll", "5 +no-ynn",
-            "6 +bn-dot")
+            "6 +bn-dot", "7 +subpixel")
 _SHIPPED = {"pool": lenet.max_pool_2x2, "roll": augment._roll_hw,  # pylint: disable=protected-access
             "channels": conv_lib.COL2IM_MAX_CHANNELS}
 
@@ -69,7 +71,7 @@ def _jnp_roll(x, shift):
 
 @contextlib.contextmanager
 def variant_settings(index: int):
-  """Library settings of variant `index` (0-6) while a step is traced and compiled."""
+  """Library settings of variant `index` (0-7) while a step is traced and compiled."""
   conv_lib.COL2IM_MAX_CHANNELS = _SHIPPED["channels"] if index >= 2 else 0
   conv_lib.COL2IM_SMALL_OUTPUT = index >= 2
   lenet.max_pool_2x2 = _SHIPPED["pool"] if index >= 3 else _flax_pool
@@ -77,7 +79,8 @@ def variant_settings(index: int):
   try:
     with numerics_lib.use(conv_grads="auto" if index >= 1 else "xla",
                           batch_norm="auto" if index >= 6 else "xla",
-                          xla_cpu_ynn="none" if index >= 5 else "default"):
+                          xla_cpu_ynn="none" if index >= 5 else "default",
+                          upsample_conv="subpixel" if index >= 7 else "direct"):
       yield
   finally:
     conv_lib.COL2IM_MAX_CHANNELS, conv_lib.COL2IM_SMALL_OUTPUT = _SHIPPED["channels"], True
@@ -111,6 +114,8 @@ def build(pair: str, method: str, args, index: int):
 
 
 def main(argv=None) -> int:
+  from dfkd_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  compile_lib.memory_scheduler()  # as the command lines do, before JAX starts its backends
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--pair", default="lenet", choices=sorted(PAIRS))
   p.add_argument("--methods", default="dafl,deepinversion")
@@ -124,8 +129,8 @@ def main(argv=None) -> int:
   print(f"Machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, jax "
         f"{jax.__version__} ({jax.devices()[0].platform}); date {datetime.date.today()}; pair "
         f"{args.pair}; command: python " + " ".join(sys.argv), flush=True)
-  print("\n| method | variant | compile + first call (s) | median step (s) | vs 0 before | "
-        "load (1-min) |\n|---|---|---|---|---|---|", flush=True)
+  print("\n| method | variant | compile + first call (s) | median step (s) | vs "
+        f"{VARIANTS[indices[0]]} | load (1-min) |\n|---|---|---|---|---|---|", flush=True)
   for method in args.methods.split(","):
     built = {i: build(args.pair, method, args, i) for i in indices}
     states = {i: b[1] for i, b in built.items()}

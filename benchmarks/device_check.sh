@@ -6,7 +6,9 @@
 #   2. the step table of benchmarks/bench_steps.py for the CIFAR pairs (ResNet-34 -> ResNet-18,
 #      WRN-40-2 -> WRN-16-2, batch 256) x dafl, deepinversion, mb_dfkd, pre_dfkd, fast, nayer x
 #      float32 and bfloat16: compile, step time, images/s, TFLOP/s and the fraction of the GPU's
-#      peak; new rows stop after 5 minutes.
+#      peak; new rows stop after 4 minutes;
+#   3. benchmarks/bench_generators.py at CIFAR size (32x32x3, batch 256): PRE-DFKD's generator and
+#      VAE parts with numerics.upsample_conv direct and subpixel, at most 1 minute.
 # Everything goes to stdout and to $OUT/device_check.md ($OUT defaults to /tmp/device_check).
 #
 # Prepare once where pip reaches PyPI (the pure-Python packages the device image lacks):
@@ -43,9 +45,13 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/dfkd_jax_cach
     tests/io/test_torch_import.py} 2>&1 | tail -15
   echo
   echo "## 2. steps"
-  timeout 360 $PY benchmarks/bench_steps.py \
+  timeout 300 $PY benchmarks/bench_steps.py \
     --pairs "${DEVICE_CHECK_PAIRS:-r34_r18,wrn40_2_wrn16_2}" \
     --methods "${DEVICE_CHECK_METHODS:-dafl,deepinversion,mb_dfkd,pre_dfkd,fast,nayer}" \
-    --dtype float32,bfloat16 --batch "${DEVICE_CHECK_BATCH:-256}" --ngf 0 --repeats 5 --max_minutes 5 2>&1 \
+    --dtype float32,bfloat16 --batch "${DEVICE_CHECK_BATCH:-256}" --ngf 0 --repeats 5 --max_minutes 4 2>&1 \
+    | grep -v "^WARNING\|^W[0-9]"
+  echo
+  echo "## 3. generator parts, direct vs subpixel upsampling convs"
+  timeout 60 $PY benchmarks/bench_generators.py --image 32x32x3 --repeats 3 2>&1 \
     | grep -v "^WARNING\|^W[0-9]"
 } 2>&1 | tee "$REPORT"

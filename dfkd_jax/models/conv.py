@@ -274,8 +274,10 @@ def upsample2x_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilati
   that is 50 % and 47 % of the direct convolution's FLOPs, and the upsampled map (4x the input)
   is never built, in the forward pass or the gradient. (Measured against one convolution for all
   four phases, cropped per phase, and four aligned convolutions: this split was the fastest
-  and needed the least XLA temporary memory, forward and backward, in a PRE-DFKD generator at
-  batch 256 on the 2-core CPU.) Same signature as `lax.conv_general_dilated` (what `nn.Conv`
+  of the three and needed the least XLA temporary memory of the three, forward and backward, in
+  a PRE-DFKD generator at batch 256 on the 2-core CPU; with XLA:CPU's scheduler flag of
+  `compile.memory_scheduler` its forward + backward needs more temporaries than the direct
+  form, 580 against 362 MiB: benchmarks/RESULTS.md §13.) Same signature as `lax.conv_general_dilated` (what `nn.Conv`
   calls); only that one configuration is accepted.
 
   Raises:

@@ -19,6 +19,9 @@ def test_environment_then_config_then_scope():
                               "upsample_conv": "direct"}
   assert numerics.Numerics.from_env({"DFKD_UPSAMPLE_CONV": "subpixel"}).upsample_conv == (
       "subpixel")
+  config.numerics.upsample_conv = "subpixel"  # the config's block wins over the environment
+  assert numerics.Numerics.from_config(config, {"DFKD_UPSAMPLE_CONV": "direct"}).upsample_conv == (
+      "subpixel")
   # A config without the block (an older config.json) takes the environment's.
   assert numerics.Numerics.from_config(ml_collections.ConfigDict(), {}) == numerics.Numerics()
 

@@ -186,7 +186,8 @@ def main():
   p.add_argument("--methods", default="dafl,dfad,zskt,deepinversion,adi")
   p.add_argument("--batch", default="256", help="global batch size(s), comma-separated")
   p.add_argument("--devices", type=int, default=1, help="fake XLA:CPU devices")
-  p.add_argument("--conv_grads", default="auto", choices=numerics_lib.CONV_GRADS)
+  p.add_argument("--conv_grads", default=numerics_lib.current().conv_grads,
+                 choices=numerics_lib.CONV_GRADS)
   p.add_argument("--upsample_conv", default=numerics_lib.current().upsample_conv,
                  choices=numerics_lib.UPSAMPLE_CONV,
                  help="the generators' x2 upsampling + 3x3 conv: direct or subpixel")

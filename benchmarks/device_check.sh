@@ -2,7 +2,7 @@
 # The GPU check of issue 16, for a machine with one NVIDIA GPU, jax 0.11 and flax preinstalled and
 # no package registry (the `device` machines). At most about 8 minutes:
 #   1. a parity subset of the tests on the GPU (mixed-precision loss parity, PyTorch-import logits
-#      against the plain-torch twins), at most 2.5 minutes;
+#      against the plain-torch twins), at most 2 minutes;
 #   2. the step table of benchmarks/bench_steps.py for the CIFAR pairs (ResNet-34 -> ResNet-18,
 #      WRN-40-2 -> WRN-16-2, batch 256) x dafl, deepinversion, mb_dfkd, pre_dfkd, fast, nayer x
 #      float32 and bfloat16: compile, step time, images/s, TFLOP/s and the fraction of the GPU's
@@ -41,7 +41,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/dfkd_jax_cach
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   echo
   echo "## 1. parity subset"
-  timeout 150 $PY -m pytest -q -p no:cacheprovider ${DEVICE_CHECK_TESTS:-tests/test_precision.py \
+  timeout 120 $PY -m pytest -q -p no:cacheprovider ${DEVICE_CHECK_TESTS:-tests/test_precision.py \
     tests/io/test_torch_import.py} 2>&1 | tail -15
   echo
   echo "## 2. steps"
@@ -52,6 +52,6 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/dfkd_jax_cach
     | grep -v "^WARNING\|^W[0-9]"
   echo
   echo "## 3. generator parts, direct vs subpixel upsampling convs"
-  timeout 60 $PY benchmarks/bench_generators.py --image 32x32x3 --repeats 3 2>&1 \
+  timeout 60 $PY benchmarks/bench_generators.py --image 32x32x3 --modes subpixel,direct --repeats 3 2>&1 \
     | grep -v "^WARNING\|^W[0-9]"
 } 2>&1 | tee "$REPORT"

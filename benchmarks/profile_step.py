@@ -202,7 +202,8 @@ def add_step_flags(p: argparse.ArgumentParser):
   p.add_argument("--di_iters", type=int, default=20, help="DeepInversion pixel steps per round")
   p.add_argument("--di_student_steps", type=int, default=10,
                  help="DeepInversion student steps per round")
-  p.add_argument("--conv_grads", default="auto", choices=("auto", "canonical", "xla"),
+  p.add_argument("--conv_grads", default=numerics_lib.current().conv_grads,
+                 choices=numerics_lib.CONV_GRADS,
                  help="dfkd_jax.models.conv gradient mode of the JAX side (xla: JAX's own)")
   p.add_argument("--upsample_conv", default=numerics_lib.current().upsample_conv,
                  choices=numerics_lib.UPSAMPLE_CONV,

@@ -94,8 +94,14 @@ def _train(config, workdir: str) -> dict:
 
 
 def config_fingerprint(config) -> str:
-  """A short hash of the config's content (sorted JSON)."""
+  """A short hash of the config's content (sorted JSON), and of the numerics the run will use
+  when they are not the defaults (a `DFKD_*` environment variable changes them without
+  changing the config)."""
+  from dfkd_jax import numerics as numerics_lib  # pylint: disable=g-import-not-at-top
   text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+  chosen = numerics_lib.Numerics.from_config(config)
+  if chosen != numerics_lib.Numerics():
+    text += json.dumps(chosen.to_dict(), sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

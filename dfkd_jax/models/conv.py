@@ -253,11 +253,14 @@ Conv.__doc__ = ("`flax.linen.Conv` with `conv_general_dilated` (CPU-fast gradien
 
 # ============================================================================ x2 upsample + conv
 
-# For output phase a (even rows a = 0, odd rows a = 1), a 3x3 'SAME' conv of the x2 nearest
-# upsampled map reads only two input rows: y[2i] = K0 x[i-1] + (K1 + K2) x[i] and
-# y[2i+1] = (K0 + K1) x[i] + K2 x[i+1]. `_PHASE_TAPS[a]` maps the kernel's 3 rows (or columns)
-# to those 2 taps (columns alike).
-_PHASE_TAPS = ((((1, 0, 0), (0, 1, 1))), (((1, 1, 0), (0, 0, 1))))
+def _phase_taps(k, phase: int):
+  """The two taps of output phase `phase` along `k`'s first axis (a kernel's 3 rows or columns).
+
+  A 3x3 'SAME' conv of the x2 nearest-upsampled map reads only two input rows per output row:
+  y[2i] = K0 x[i-1] + (K1 + K2) x[i] and y[2i+1] = (K0 + K1) x[i] + K2 x[i+1] (columns alike).
+  Plain float32 additions, so no matmul precision setting (TF32, bfloat16 passes) touches them.
+  """
+  return (k[0], k[1] + k[2]) if phase == 0 else (k[0] + k[1], k[2])
 
 
 def upsample2x_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
@@ -291,14 +294,16 @@ def upsample2x_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilati
     raise ValueError("upsample2x_conv computes only a 3x3, stride-1, padding-1 NHWC/HWIO "
                      f"convolution; got kernel {rhs.shape}, strides {window_strides}, padding "
                      f"{padding}, dimension numbers {dimension_numbers}.")
-  b, h, w, cin = lhs.shape
+  b, h, w, _ = lhs.shape
   cout = rhs.shape[-1]
-  taps = jnp.asarray(_PHASE_TAPS, rhs.dtype)  # [phase, tap, kernel row]
-  kernels = jnp.einsum("arp,csq,pqio->arsico", taps, taps, rhs).reshape(2, 2, 2, cin, 2 * cout)
   rows = []
   for a in (0, 1):  # row phase a reads rows (i - 1, i) or (i, i + 1)
+    row_taps = _phase_taps(rhs, a)  # 2 x [3, Cin, Cout]: the row taps, by kernel column
+    # [2, 2, Cin, 2 Cout]: row tap r, column tap s, output channels (column phase c, Cout)
+    kernel = jnp.stack([jnp.stack([jnp.concatenate([_phase_taps(rt, c)[s] for c in (0, 1)], -1)
+                                   for s in (0, 1)]) for rt in row_taps])
     xp = jnp.pad(lhs, ((0, 0), (1 - a, a), (1, 1), (0, 0)))
-    z = conv_general_dilated(xp, kernels[a], _ONES, ((0, 0), (0, 0)), dimension_numbers=_NHWC,
+    z = conv_general_dilated(xp, kernel, _ONES, ((0, 0), (0, 0)), dimension_numbers=_NHWC,
                              precision=precision, preferred_element_type=preferred_element_type)
     z = z.reshape(b, h, w + 1, 2, cout)  # column phase c reads columns (j - 1 + c, j + c)
     rows.append(jnp.stack([z[:, :, c:c + w, c] for c in (0, 1)], axis=3))

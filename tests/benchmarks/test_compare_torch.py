@@ -30,9 +30,11 @@ def _check(method, pair, numerics_scope, iterations=2, gen_lr=None):
   the first iteration."""
   torch.set_num_threads(1)
   if iterations > 1:
-    numerics_scope(conv_grads="xla", batch_norm="xla", xla_cpu_ynn="default")
+    numerics_scope(conv_grads="xla", batch_norm="xla", xla_cpu_ynn="default",
+                   upsample_conv="direct")
   else:
-    numerics_scope(conv_grads="auto", batch_norm="auto", xla_cpu_ynn="none")
+    numerics_scope(conv_grads="auto", batch_norm="auto", xla_cpu_ynn="none",
+                   upsample_conv="direct")
   # PRE-DFKD's memory samples come from the VAE decoder in eval mode, i.e. from BN running
   # variances, which PyTorch updates with the unbiased batch variance and Flax with the biased
   # one: a framework difference of ~1e-4 relative that the later iteration amplifies. With the

@@ -135,3 +135,14 @@ def test_calibration_cache_key_follows_the_config():
   c = tta.load_config(tta.CONFIG, "method=deepinversion", ["deepinversion.iterations=200"])
   assert tta.config_fingerprint(a) == tta.config_fingerprint(b)
   assert tta.config_fingerprint(a) != tta.config_fingerprint(c)
+
+
+def test_calibration_cache_key_follows_numerics_from_the_environment(monkeypatch):
+  """DFKD_UPSAMPLE_CONV changes the run without changing the config: the key must see it."""
+  config = tta.load_config(tta.CONFIG, "method=dafl")
+  monkeypatch.delenv("DFKD_UPSAMPLE_CONV", raising=False)
+  direct = tta.config_fingerprint(config)
+  monkeypatch.setenv("DFKD_UPSAMPLE_CONV", "subpixel")
+  assert tta.config_fingerprint(config) != direct
+  monkeypatch.setenv("DFKD_UPSAMPLE_CONV", "direct")
+  assert tta.config_fingerprint(config) == direct

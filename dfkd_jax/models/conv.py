@@ -298,10 +298,11 @@ def upsample2x_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilati
   cout = rhs.shape[-1]
   rows = []
   for a in (0, 1):  # row phase a reads rows (i - 1, i) or (i, i + 1)
-    row_taps = _phase_taps(rhs, a)  # 2 x [3, Cin, Cout]: the row taps, by kernel column
+    # Row taps (2 x [3 kernel columns, Cin, Cout]) -> per row tap, each column phase's taps.
+    taps = [[_phase_taps(row_tap, c) for c in (0, 1)] for row_tap in _phase_taps(rhs, a)]
     # [2, 2, Cin, 2 Cout]: row tap r, column tap s, output channels (column phase c, Cout)
-    kernel = jnp.stack([jnp.stack([jnp.concatenate([_phase_taps(rt, c)[s] for c in (0, 1)], -1)
-                                   for s in (0, 1)]) for rt in row_taps])
+    kernel = jnp.stack([jnp.stack([jnp.concatenate([by_phase[c][s] for c in (0, 1)], -1)
+                                   for s in (0, 1)]) for by_phase in taps])
     xp = jnp.pad(lhs, ((0, 0), (1 - a, a), (1, 1), (0, 0)))
     z = conv_general_dilated(xp, kernel, _ONES, ((0, 0), (0, 0)), dimension_numbers=_NHWC,
                              precision=precision, preferred_element_type=preferred_element_type)
